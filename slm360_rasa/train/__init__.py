@@ -1,0 +1,1 @@
+"""numpy training code: optimizer, heads, fine-tuning, distillation, continual learning (no Rasa)."""

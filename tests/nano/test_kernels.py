@@ -1,0 +1,148 @@
+"""Numba kernels (nano/kernels.py) against the numpy reference (nano/model.py, nano/quant.py)."""
+import numba
+import numpy as np
+import pytest
+
+from slm360_rasa.nano import kernels as K
+from slm360_rasa.nano import model as M
+from slm360_rasa.nano import quant as Q
+from slm360_rasa.nano.config import NanoConfig
+from slm360_rasa.nano.runtime import Encoder
+
+TOL = 1e-4
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("N,M_,Kd", [(1, 4, 32), (5, 13, 64), (70, 9, 96), (130, 40, 256)])
+def test_matmul_f32(rng, N, M_, Kd):
+    x = rng.standard_normal((N, Kd)).astype(np.float32)
+    w = rng.standard_normal((M_, Kd)).astype(np.float32)
+    out = np.empty((N, M_), np.float32)
+    K.matmul_f32(x, w, out)
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("N,M_,Kd", [(1, 4, 32), (7, 10, 64), (67, 9, 704)])
+def test_matmul_q4_matches_dequantized_reference(rng, N, M_, Kd):
+    w = rng.standard_normal((M_, Kd)).astype(np.float32)
+    t, _ = Q.quantize_q4(w)
+    x = rng.standard_normal((N, Kd)).astype(np.float32)
+    out = np.empty((N, M_), np.float32)
+    K.matmul_q4(x, t.codes, t.scales.astype(np.float32), out)
+    np.testing.assert_allclose(out, x @ Q.dequantize_q4(t).T, rtol=1e-4, atol=1e-4)
+
+
+def test_dequant_row_and_embedding(rng):
+    table = rng.standard_normal((20, 64)).astype(np.float32)
+    t, _ = Q.quantize_q4(table)
+    ids = np.array([3, 0, 19, 3], np.int64)
+    out = np.empty((4, 64), np.float32)
+    K.embed_q4(ids, t.codes, t.scales.astype(np.float32), out)
+    np.testing.assert_array_equal(out, Q.dequantize_q4(t)[ids])
+    K.embed_f32(ids, table, out)
+    np.testing.assert_array_equal(out, table[ids])
+
+
+def test_rmsnorm(rng):
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    w = rng.standard_normal(16).astype(np.float32)
+    out = np.empty_like(x)
+    K.rmsnorm(x, w, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, M.rmsnorm_forward(x, w, 1e-5)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_and_attention_on_packed_sequences(rng):
+    H, KV, D = 4, 2, 8
+    lengths = [5, 1, 3]
+    cos, sin = M.rope_cos_sin(16, D, 10000.0)
+    seqs = [rng.standard_normal((T, (H + 2 * KV) * D)).astype(np.float32) for T in lengths]
+    qkv = np.concatenate(seqs)
+    starts = np.array([0, 5, 6, 9], np.int64)
+    positions = np.concatenate([np.arange(T) for T in lengths]).astype(np.int64)
+    K.rope_inplace(qkv, positions, cos, sin, H + KV, D)
+    out = np.empty((9, H * D), np.float32)
+    K.attention(qkv, starts, H, KV, D, out)
+    for b, s in enumerate(seqs):
+        T = lengths[b]
+        q = M.rope_forward(s[:, : H * D].reshape(1, T, H, D), cos, sin)
+        k = M.rope_forward(s[:, H * D:(H + KV) * D].reshape(1, T, KV, D), cos, sin)
+        v = s[:, (H + KV) * D:].reshape(1, T, KV, D)
+        ref, _ = M.attention_forward(q, k, v, np.ones((1, T)))
+        np.testing.assert_allclose(out[starts[b]:starts[b + 1]], ref[0], rtol=1e-5, atol=1e-5)
+
+
+class _VocabOnly:
+    """Stands in for the tokenizer when tests feed token ids directly."""
+
+    vocab_size = 40
+    sha256 = "none"
+
+
+TINY = NanoConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=40, max_seq_len=32)
+
+
+def _batch(rng):
+    lengths = np.array([6, 2, 9], np.int64)
+    ids = [rng.integers(1, TINY.vocab_size, size=n) for n in lengths]
+    T = lengths.max()
+    padded = np.zeros((3, T), np.int64)
+    mask = np.zeros((3, T), np.int64)
+    for b, s in enumerate(ids):
+        padded[b, : len(s)] = s
+        mask[b, : len(s)] = 1
+    return np.concatenate(ids), lengths, padded, mask
+
+
+def _reference(params, padded, mask, lengths):
+    h, pooled, _ = M.forward(params, padded, mask, TINY)
+    return np.concatenate([h[b, :n] for b, n in enumerate(lengths)]), pooled
+
+
+def test_encoder_forward_f32_matches_reference(rng):
+    params = M.init_params(TINY, seed=1)
+    for n in params:  # larger weights make the check meaningful
+        if not n.endswith("norm"):
+            params[n] *= 5
+    flat, lengths, padded, mask = _batch(rng)
+    enc = Encoder.from_params(params, TINY, precision="f32", tokenizer=_VocabOnly())
+    hidden, pooled = enc.forward_packed(flat, lengths)
+    ref_h, ref_p = _reference(params, padded, mask, lengths)
+    assert np.abs(hidden - ref_h).max() <= TOL
+    assert np.abs(pooled - ref_p).max() <= TOL
+
+
+def test_encoder_forward_int4_matches_reference_on_dequantized_weights(rng):
+    """Separates kernel error from quantization error: same Q4 weights on both sides."""
+    params = M.init_params(TINY, seed=2)
+    for n in params:
+        if not n.endswith("norm"):
+            params[n] *= 5
+    deq = {n: (Q.dequantize_q4(Q.quantize_q4(w)[0]) if w.ndim == 2 else w) for n, w in params.items()}
+    flat, lengths, padded, mask = _batch(rng)
+    enc = Encoder.from_params(params, TINY, precision="int4", tokenizer=_VocabOnly())
+    hidden, pooled = enc.forward_packed(flat, lengths)
+    ref_h, ref_p = _reference(deq, padded, mask, lengths)
+    assert np.abs(hidden - ref_h).max() <= TOL
+    assert np.abs(pooled - ref_p).max() <= TOL
+    assert set(enc.quant_errors) == {n for n in params if params[n].ndim == 2}
+
+
+@pytest.mark.parametrize("precision", ["f32", "int4"])
+def test_results_do_not_depend_on_thread_count(rng, precision):
+    params = M.init_params(TINY, seed=3)
+    flat, lengths, _, _ = _batch(rng)
+    enc = Encoder.from_params(params, TINY, precision=precision, tokenizer=_VocabOnly())
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = [a.copy() for a in enc.forward_packed(flat, lengths)]
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = [a.copy() for a in enc.forward_packed(flat, lengths)]
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
