@@ -106,9 +106,14 @@ class Encoder:
 
         tokenizer = tokenizer or NanoTokenizer.load()
         ckpt = load_checkpoint(path, expected_tokenizer_sha256=tokenizer.sha256)
-        if any(name.endswith(CODES_SUFFIX) for name in ckpt.tensors):
+        has_q4 = any(name.endswith(CODES_SUFFIX) for name in ckpt.tensors)
+        has_master = "tok_embeddings" in ckpt.tensors
+        # INT4 runs the stored codes when present (no re-quantization at load); f32 runs the
+        # master weights when present, else the dequantized INT4 weights.
+        if has_q4 and (precision == "int4" or not has_master):
             return cls(ckpt.config, tokenizer=tokenizer, precision=precision, q4_tensors=ckpt.tensors, **kw)
-        params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ckpt.tensors.items()}
+        params = {k: np.ascontiguousarray(ckpt.tensors[k], dtype=np.float32) for k in ckpt.config.param_shapes()
+                  if k in ckpt.tensors}
         return cls(ckpt.config, tokenizer=tokenizer, precision=precision, params=params, **kw)
 
     @classmethod
