@@ -309,11 +309,11 @@ def forward(params: Params, ids: np.ndarray, mask: np.ndarray, config: NanoConfi
 
 
 def backward(cache, config: NanoConfig, dpooled: Optional[np.ndarray] = None,
-             dhidden: Optional[np.ndarray] = None) -> Params:
+             dhidden: Optional[np.ndarray] = None, embedding_grad: bool = True) -> Params:
     """Gradients of all trainable parameters given d(loss)/d(pooled) and/or d(loss)/d(hidden).
 
-    Frozen blocks (see `forward`) and, when any block is frozen, the embedding are absent
-    from the returned dict.
+    Frozen blocks (see `forward`) and, when any block is frozen or `embedding_grad` is
+    False, the embedding are absent from the returned dict.
     """
     c_emb, caches, c_norm, c_pool, cos, sin, n_frozen = cache
     if dpooled is None and dhidden is None:
@@ -325,7 +325,7 @@ def backward(cache, config: NanoConfig, dpooled: Optional[np.ndarray] = None,
     dx, grads["norm"] = rmsnorm_backward(dh, c_norm)
     for i in reversed(range(n_frozen, config.n_layers)):
         dx = block_backward(dx, caches[i], f"layers.{i}.", config, cos, sin, grads)
-    if n_frozen == 0:
+    if n_frozen == 0 and embedding_grad:
         grads["tok_embeddings"] = embedding_backward(dx, c_emb)
     return grads
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..nano import model as M
 from ..nano.checkpoint import load_checkpoint, save_checkpoint
 from ..nano.config import NanoConfig
+from .data import epoch_batches, pad
 from .optim import AdamW, OptimConfig
 
 logger = logging.getLogger("slm360_rasa")
@@ -150,22 +151,6 @@ def _progress(**kw):
     return tqdm(mininterval=2.0, **kw)
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
-    """The batches of one epoch: a seeded shuffle, then length-sorted within windows of
-    50 batches (less padding), then the windows' batches shuffled again."""
-    rng = np.random.default_rng([seed, 1000 + epoch])
-    perm = rng.permutation(len(lengths))
-    window = batch_size * 50
-    batches: List[np.ndarray] = []
-    for w0 in range(0, len(perm), window):
-        idx = perm[w0:w0 + window]
-        idx = idx[np.argsort(lengths[idx], kind="stable")]
-        chunk = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
-        order = rng.permutation(len(chunk))
-        batches.extend(chunk[i] for i in order)
-    return batches
-
-
 # ------------------------------------------------------------------------ loss
 
 
@@ -269,17 +254,6 @@ def student_embeddings(params: Dict[str, np.ndarray], batch_ids: List[np.ndarray
         _, pooled, _ = M.forward(params, ids, mask, nano)
         out[idx] = pooled @ params[PROJ_W].T + params[PROJ_B]
     return out
-
-
-def pad(seqs: List[np.ndarray], pad_id: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Right-pad id sequences into (B, T) ids and mask."""
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, np.int64)
-    mask = np.zeros((len(seqs), T), np.float32)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = s
-        mask[b, : len(s)] = 1.0
-    return ids, mask
 
 
 def heldout_cosine(params, ids: List[np.ndarray], targets: np.ndarray, nano: NanoConfig) -> float:

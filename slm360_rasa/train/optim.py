@@ -70,8 +70,11 @@ def no_decay(name: str) -> bool:
 class AdamW:
     """AdamW over a dict of float32 parameters, updated in place."""
 
-    def __init__(self, params: Arrays, cfg: OptimConfig, trainable: Optional[Iterable[str]] = None):
+    def __init__(self, params: Arrays, cfg: OptimConfig, trainable: Optional[Iterable[str]] = None,
+                 lr_mult: Optional[Dict[str, float]] = None):
+        """`trainable`: names to update (default all); `lr_mult`: per-name learning-rate factors."""
         self.cfg = cfg
+        self.lr_mult = dict(lr_mult or {})
         self.names = sorted(trainable if trainable is not None else params)
         self.m = {n: np.zeros_like(params[n]) for n in self.names}
         self.v = {n: np.zeros_like(params[n]) for n in self.names}
@@ -101,11 +104,12 @@ class AdamW:
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * (g * g)
+            mult = self.lr_mult.get(n, 1.0)
             if cfg.weight_decay and not no_decay(n):
-                p *= np.float32(1 - lr * cfg.weight_decay)
+                p *= np.float32(1 - lr * mult * cfg.weight_decay)
             denom = np.sqrt(v / bc2)
             denom += cfg.eps
-            p -= np.float32(step_size) * (m / denom)
+            p -= np.float32(step_size * mult) * (m / denom)
         return {"lr": lr, "grad_norm": gn}
 
     def state_tensors(self) -> Arrays:

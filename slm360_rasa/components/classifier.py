@@ -1,0 +1,213 @@
+"""`SLM360Classifier`: intents + entities for Rasa 3.6 from a fine-tuned SLM360 Nano encoder.
+
+    pipeline:
+      - name: WhitespaceTokenizer
+      - name: slm360_rasa.SLM360Classifier
+        epochs: 10
+
+Training fine-tunes the shipped pretrained encoder plus an intent head and a BILOU entity
+head with our numpy code (no TensorFlow); prediction runs the numba INT4 runtime. The output
+has exactly DIET's shapes (`intent`, `intent_ranking`, `entities` with `confidence_entity` and
+`extractor`), so EntitySynonymMapper, FallbackClassifier, policies and `rasa test nlu`
+consume it unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Text, Type
+
+from rasa.engine.graph import ExecutionContext, GraphComponent
+from rasa.engine.recipes.default_recipe import DefaultV1Recipe
+from rasa.engine.storage.resource import Resource
+from rasa.engine.storage.storage import ModelStorage
+from rasa.nlu.classifiers.classifier import IntentClassifier
+from rasa.nlu.extractors.extractor import EntityExtractorMixin
+from rasa.shared.nlu.constants import ENTITIES, INTENT, INTENT_RANKING_KEY, PREDICTED_CONFIDENCE_KEY, TEXT
+from rasa.shared.nlu.training_data.message import Message
+from rasa.shared.nlu.training_data.training_data import TrainingData
+
+logger = logging.getLogger("slm360_rasa")
+
+MODEL_FILE = "slm360_classifier.safetensors"
+PRECISIONS = ("int4", "f32")
+
+
+@DefaultV1Recipe.register(
+    [DefaultV1Recipe.ComponentType.INTENT_CLASSIFIER, DefaultV1Recipe.ComponentType.ENTITY_EXTRACTOR],
+    is_trainable=True,
+)
+class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
+    """Fine-tunes SLM360 Nano on the bot's NLU data; predicts intents and entities."""
+
+    @staticmethod
+    def get_default_config() -> Dict[Text, Any]:
+        """Defaults; every key can be set in config.yml."""
+        return {
+            # Passes over the training data. `rasa train --finetune --epoch-fraction` scales it.
+            "epochs": 10,
+            # AdamW peak learning rate of the encoder (warmup, then cosine decay to 0).
+            "learning_rate": 3e-4,
+            # The heads learn this many times faster than the pretrained encoder.
+            "head_lr_multiplier": 10.0,
+            # Examples per optimisation step (batches are bucketed by length).
+            "batch_size": 32,
+            # Seed of initialisation and shuffling: same data + seed = bit-identical weights.
+            "random_seed": 42,
+            # Inference weights: "int4" (4-bit, 3.6 MB, the fast default) or "f32".
+            "precision": "int4",
+            # Number of lowest encoder blocks (of 6) kept frozen while fine-tuning.
+            "freeze_layers": 0,
+            # Tokens per message; longer messages are truncated with a logged warning.
+            "max_length": 128,
+            # Learn and predict entities (BILOU tags over the encoder's tokens).
+            "entity_recognition": True,
+            # Learn and predict intents.
+            "intent_classification": True,
+            # Intents listed in `intent_ranking`; 0 lists all of them.
+            "ranking_length": 10,
+            # AdamW decoupled weight decay.
+            "weight_decay": 0.01,
+            # Fraction of the steps spent warming the learning rate up.
+            "warmup_ratio": 0.1,
+            # Label smoothing of the intent loss (0 = none).
+            "label_smoothing": 0.0,
+            # Weight of the entity loss relative to the intent loss.
+            "entity_loss_weight": 1.0,
+            # Pretrained encoder checkpoint to start from; null = the one shipped in the package.
+            "checkpoint": None,
+        }
+
+    def __init__(self, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
+                 execution_context: ExecutionContext, model=None) -> None:
+        """Use `create` or `load`; `model` is a trained `IntentEntityModel` or None."""
+        self.component_config = config
+        self._model_storage = model_storage
+        self._resource = resource
+        self._execution_context = execution_context
+        self._model = model
+        self._validate_config()
+
+    def _validate_config(self) -> None:
+        cfg = self.component_config
+        if cfg["precision"] not in PRECISIONS:
+            raise ValueError(f"SLM360Classifier: precision must be one of {PRECISIONS}, got {cfg['precision']!r}")
+        rl = cfg["ranking_length"]
+        if isinstance(rl, bool) or not isinstance(rl, int) or rl < 0:
+            raise ValueError(f"SLM360Classifier: ranking_length must be an integer >= 0, got {rl!r}")
+        ml = cfg["max_length"]
+        if isinstance(ml, bool) or not isinstance(ml, int) or not 3 <= ml <= 512:
+            raise ValueError(f"SLM360Classifier: max_length must be an integer in [3, 512], got {ml!r}")
+        self._finetune_config()  # validates the training keys with messages naming them
+
+    def _finetune_config(self):
+        from ..train.finetune import FinetuneConfig
+
+        cfg = self.component_config
+        try:
+            return FinetuneConfig(
+                epochs=int(cfg["epochs"]), batch_size=cfg["batch_size"], learning_rate=float(cfg["learning_rate"]),
+                head_lr_multiplier=float(cfg["head_lr_multiplier"]), weight_decay=float(cfg["weight_decay"]),
+                warmup_ratio=float(cfg["warmup_ratio"]), freeze_layers=cfg["freeze_layers"],
+                max_length=cfg["max_length"], random_seed=int(cfg["random_seed"]),
+                entity_loss_weight=float(cfg["entity_loss_weight"]), label_smoothing=float(cfg["label_smoothing"]),
+                intent_classification=bool(cfg["intent_classification"]),
+                entity_recognition=bool(cfg["entity_recognition"]),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
+
+    @classmethod
+    def create(cls, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
+               execution_context: ExecutionContext) -> "SLM360Classifier":
+        """An untrained component."""
+        return cls(config, model_storage, resource, execution_context)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, training_data: TrainingData) -> Resource:
+        """Fine-tune on the intent examples (and their entities), then persist."""
+        from ..train.finetune import IntentEntityModel
+
+        examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
+        if not examples:
+            logger.warning("SLM360Classifier: no intent examples in the training data; nothing to train.")
+            return self._resource
+        texts = [m.get(TEXT) for m in examples]
+        intents = [m.get(INTENT) for m in examples]
+        entities = [[e for e in (m.get(ENTITIES) or []) if "start" in e and "end" in e] for m in examples]
+        cfg = self._finetune_config()
+        self._model = IntentEntityModel.from_pretrained(cfg, checkpoint=self.component_config["checkpoint"],
+                                                        precision=self.component_config["precision"],
+                                                        max_length=self.component_config["max_length"])
+        self._model.fit(texts, intents, entities, progress=True)
+        self.persist()
+        return self._resource
+
+    def persist(self) -> None:
+        """Write the model into this component's resource (safetensors + JSON)."""
+        if self._model is None:
+            return
+        with self._model_storage.write_to(self._resource) as model_dir:
+            self._model.save(model_dir / MODEL_FILE)
+
+    @classmethod
+    def load(cls, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
+             execution_context: ExecutionContext, **kwargs: Any) -> "SLM360Classifier":
+        """Load the persisted model; a missing resource gives an untrained instance, like DIET.
+
+        A resource that exists but holds a corrupt or foreign file raises an error naming it.
+        """
+        from ..train.finetune import IntentEntityModel
+
+        try:
+            reader = model_storage.read_from(resource)
+            model_dir = reader.__enter__()
+        except ValueError:
+            logger.warning(f"SLM360Classifier: no trained model in resource '{resource.name}'; "
+                           "using an untrained component (it predicts nothing). Train the model first.")
+            return cls(config, model_storage, resource, execution_context)
+        try:
+            path = model_dir / MODEL_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"SLM360Classifier: model file missing from the trained model: {path}. "
+                                        "Retrain the model with `rasa train`.")
+            model = IntentEntityModel.load(path)
+        finally:
+            reader.__exit__(None, None, None)
+        return cls(config, model_storage, resource, execution_context, model=model)
+
+    # ------------------------------------------------------------------ prediction
+
+    def process(self, messages: List[Message]) -> List[Message]:
+        """Set intent, intent_ranking and entities on each message (one batched encoder call)."""
+        if self._model is None or not messages:
+            return messages
+        texts = [_safe_text(m.get(TEXT)) for m in messages]
+        preds = self._model.predict(texts)
+        for message, pred in zip(messages, preds):
+            if pred.intent_probs is not None and self.component_config["intent_classification"]:
+                self._set_intent(message, pred.intent_probs)
+            if self.component_config["entity_recognition"] and pred.entities:
+                entities = self.add_extractor_name([dict(e) for e in pred.entities])
+                message.set(ENTITIES, message.get(ENTITIES, []) + entities, add_to_output=True)
+        return messages
+
+    def _set_intent(self, message: Message, probs) -> None:
+        import numpy as np
+
+        order = np.argsort(-probs, kind="stable")
+        names = self._model.intents
+        k = self.component_config["ranking_length"] or len(order)
+        ranking = [{"name": names[i], PREDICTED_CONFIDENCE_KEY: float(probs[i])} for i in order[:k]]
+        message.set(INTENT, dict(ranking[0]), add_to_output=True)
+        message.set(INTENT_RANKING_KEY, ranking, add_to_output=True)
+
+    @classmethod
+    def required_components(cls) -> List[Type]:
+        """None: the encoder has its own tokenizer (a Rasa tokenizer may still precede it)."""
+        return []
+
+
+def _safe_text(text: Optional[str]) -> str:
+    # Rasa may hand over None for messages without text (e.g. a bare /intent payload).
+    return text if isinstance(text, str) else ""

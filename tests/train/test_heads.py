@@ -1,0 +1,69 @@
+"""Heads (train/heads.py): softmax cross-entropy gradient, BILOU tagging and decoding."""
+import numpy as np
+import pytest
+
+from slm360_rasa.nano.tokenizer import NanoTokenizer
+from slm360_rasa.train import heads as H
+
+
+def test_linear_softmax_xent_gradient():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5))
+    p = {"h.weight": rng.standard_normal((4, 5)), "h.bias": rng.standard_normal(4)}
+    y = np.array([0, 3, H.IGNORE, 1, 2, 3])
+
+    def loss():
+        return H.softmax_xent(H.linear_head_forward(x, p, "h"), y, 0.1)[0]
+
+    _, _, dl = H.softmax_xent(H.linear_head_forward(x, p, "h"), y, 0.1)
+    dx, g = H.linear_head_backward(x, dl, p, "h")
+    assert np.all(dx[2] == 0)  # ignored row
+    eps = 1e-6
+    for arr, grad in ((x, dx), (p["h.weight"], g["h.weight"]), (p["h.bias"], g["h.bias"])):
+        for idx in [(0,) * arr.ndim, tuple(s - 1 for s in arr.shape)]:
+            old = arr[idx]
+            arr[idx] = old + eps
+            fp = loss()
+            arr[idx] = old - eps
+            fm = loss()
+            arr[idx] = old
+            assert grad[idx] == pytest.approx((fp - fm) / (2 * eps), rel=1e-5, abs=1e-9)
+
+
+def test_bilou_round_trip_with_wordpieces():
+    tok = NanoTokenizer.load()
+    text = "book a table for 4 people at Trattoria Zuccherificio tomorrow"
+    ents = [{"start": 17, "end": 18, "entity": "people"},
+            {"start": 29, "end": 52, "entity": "restaurant"},
+            {"start": 53, "end": 61, "entity": "time"}]
+    tags = H.tag_names(["people", "restaurant", "time"])
+    index = {t: i for i, t in enumerate(tags)}
+    b = tok.encode(text)
+    n = int(b.lengths[0])
+    labels = H.bilou_labels(b.offsets[0], n, ents, index, n)
+    assert labels[0] == H.IGNORE and labels[n - 1] == H.IGNORE  # [CLS], [SEP]
+    names = [tags[i] for i in labels[1:n - 1]]
+    assert names.count("U-people") == 1 and names.count("B-restaurant") == 1 and names.count("L-restaurant") == 1
+    probs = np.full((n, len(tags)), 0.01)
+    for i, lab in enumerate(labels):
+        probs[i, lab if lab != H.IGNORE else 0] = 0.9
+    out = H.decode_bilou(text, b.offsets[0][:n], probs, tags)
+    assert [(e["start"], e["end"], e["entity"], e["value"]) for e in out] == [
+        (17, 18, "people", "4"), (29, 52, "restaurant", "Trattoria Zuccherificio"), (53, 61, "time", "tomorrow")]
+    assert all(e["confidence_entity"] == pytest.approx(0.9) for e in out)
+
+
+def test_decode_snaps_partial_words_and_tolerates_bad_sequences():
+    tok = NanoTokenizer.load()
+    text = "fly to zuccherificio"
+    tags = H.tag_names(["city"])
+    b = tok.encode(text)
+    n = int(b.lengths[0])
+    probs = np.zeros((n, len(tags)))
+    probs[:, 0] = 1.0
+    # Only the first word piece of the last word is tagged, with an I- (no B-) tag.
+    first_piece = next(i for i in range(n) if b.offsets[0][i][0] == 7)
+    probs[first_piece] = 0
+    probs[first_piece, tags.index("I-city")] = 1.0
+    out = H.decode_bilou(text, b.offsets[0][:n], probs, tags)
+    assert [(e["value"], e["entity"]) for e in out] == [("zuccherificio", "city")]
