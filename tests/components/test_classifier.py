@@ -1,0 +1,105 @@
+"""SLM360Classifier through real Rasa: train_nlu, Agent.parse_message, persistence, bad input."""
+import asyncio
+import glob
+import tarfile
+
+import pytest
+
+pytest.importorskip("rasa")
+
+BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا", "Привет"]
+
+
+def _config(tmp_path, checkpoint, **extra):
+    keys = {"epochs": 30, "learning_rate": 2e-3, "batch_size": 6, "checkpoint": str(checkpoint), **extra}
+    lines = "".join(f"    {k}: {v}\n" for k, v in keys.items())
+    text = ("recipe: default.v1\nlanguage: en\nassistant_id: slm360-test\npipeline:\n"
+            "  - name: WhitespaceTokenizer\n  - name: slm360_rasa.SLM360Classifier\n" + lines +
+            "  - name: EntitySynonymMapper\npolicies: []\n")
+    path = tmp_path / "config.yml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_checkpoint, tiny_nlu):
+    from rasa.model_training import train_nlu
+
+    tmp = tmp_path_factory.mktemp("bot")
+    model = train_nlu(str(_config(tmp, small_checkpoint)), str(tiny_nlu), str(tmp / "models"))
+    assert model, "training produced no model"
+    return model
+
+
+@pytest.fixture(scope="module")
+def agent(trained):
+    from rasa.core.agent import Agent
+
+    return Agent.load(trained)
+
+
+def _parse(agent, text):
+    # Rasa installs uvloop's policy, which has no implicit loop: make one per call.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(agent.parse_message(text))
+    finally:
+        loop.close()
+
+
+def test_parse_has_diet_shaped_output(agent):
+    out = _parse(agent, "book a table for 4 people")
+    assert out["intent"]["name"] == "book_table"
+    assert 0 < out["intent"]["confidence"] <= 1
+    ranking = out["intent_ranking"]
+    assert [r["name"] for r in ranking][0] == "book_table" and len(ranking) == 3
+    assert abs(sum(r["confidence"] for r in ranking) - 1) < 1e-4
+    ents = [e for e in out["entities"] if e["entity"] == "people"]
+    assert ents and ents[0]["value"] == "4" and ents[0]["extractor"] == "SLM360Classifier"
+    assert {"start", "end", "value", "entity", "confidence_entity", "extractor"} <= set(ents[0])
+
+
+@pytest.mark.parametrize("text", BAD)
+def test_bad_input_gives_a_valid_parse(agent, text):
+    out = _parse(agent, text)
+    assert out["intent"]["name"] in {"book_table", "opening_hours", "menu"}
+    assert isinstance(out["entities"], list)
+
+
+def test_model_archive_holds_safetensors_and_no_pickle(trained):
+    with tarfile.open(trained) as tar:
+        names = tar.getnames()
+    ours = [n for n in names if n.endswith("slm360_classifier.safetensors")]
+    assert len(ours) == 1
+    assert not any(n.endswith((".pkl", ".pickle")) for n in names if "SLM360" in n)
+
+
+def test_corrupt_model_fails_with_the_file_name(tmp_path, trained):
+    from rasa.core.agent import Agent
+
+    with tarfile.open(trained) as tar:
+        tar.extractall(tmp_path / "x")
+    target = glob.glob(str(tmp_path / "x" / "**" / "slm360_classifier.safetensors"), recursive=True)[0]
+    with open(target, "r+b") as f:
+        f.truncate(100)
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        for p in (tmp_path / "x").iterdir():
+            tar.add(p, arcname=p.name)
+    with pytest.raises(Exception) as err:
+        Agent.load(str(bad))
+    assert "slm360_classifier.safetensors" in "".join(str(e) for e in _chain(err.value))
+
+
+def _chain(e):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def test_invalid_config_names_the_key(tmp_path, small_checkpoint, tiny_nlu):
+    from rasa.model_training import train_nlu
+
+    with pytest.raises(Exception) as err:
+        train_nlu(str(_config(tmp_path, small_checkpoint, precision="int3")), str(tiny_nlu), str(tmp_path / "m"))
+    assert "precision" in "".join(str(e) for e in _chain(err.value))
