@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export RASA_TELEMETRY_ENABLED := false
 export PYTHONHASHSEED := 0
 
-.PHONY: help setup test test-fast tokenizer bench clean-venv
+.PHONY: help setup test test-fast tokenizer bench bot clean-venv
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -32,6 +32,10 @@ tokenizer: $(PY)  ## retrain nano/assets/tokenizer.json from the corpus (CORPUS=
 
 bench: $(PY)  ## encoder latency / throughput / size benchmark
 	$(PY) benchmarks/bench_encoder.py
+
+bot: $(PY)  ## train the example restaurant bot (example_bot/) and chat with it in the terminal
+	cd example_bot && $(abspath $(VENV))/bin/rasa train --out models
+	cd example_bot && $(abspath $(VENV))/bin/rasa shell --model models
 
 clean-venv:  ## remove .venv
 	rm -rf $(VENV)

@@ -185,8 +185,14 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         texts = [_safe_text(m.get(TEXT)) for m in messages]
         preds = self._model.predict(texts)
         for message, pred in zip(messages, preds):
-            if pred.intent_probs is not None and self.component_config["intent_classification"]:
-                self._set_intent(message, pred.intent_probs)
+            if self.component_config["intent_classification"] and self._model.intents:
+                if pred.intent_probs is None:
+                    # Nothing to read (empty or all-control-character text): answer as DIET does,
+                    # no intent at confidence 0, which FallbackClassifier turns into nlu_fallback.
+                    message.set(INTENT, {"name": None, PREDICTED_CONFIDENCE_KEY: 0.0}, add_to_output=True)
+                    message.set(INTENT_RANKING_KEY, [], add_to_output=True)
+                else:
+                    self._set_intent(message, pred.intent_probs)
             if self.component_config["entity_recognition"] and pred.entities:
                 entities = self.add_extractor_name([dict(e) for e in pred.entities])
                 message.set(ENTITIES, message.get(ENTITIES, []) + entities, add_to_output=True)
@@ -201,6 +207,14 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         ranking = [{"name": names[i], PREDICTED_CONFIDENCE_KEY: float(probs[i])} for i in order[:k]]
         message.set(INTENT, dict(ranking[0]), add_to_output=True)
         message.set(INTENT_RANKING_KEY, ranking, add_to_output=True)
+
+    @classmethod
+    def fingerprint_addon(cls, config: Dict[str, Any]) -> Optional[str]:
+        """Tie Rasa's training cache to the starting checkpoint's bytes and our version, so a
+        new checkpoint or package release retrains instead of reusing a cached model."""
+        from .featurizer import SLM360Featurizer
+
+        return SLM360Featurizer.fingerprint_addon(config)
 
     @classmethod
     def required_components(cls) -> List[Type]:

@@ -181,9 +181,12 @@ class Encoder:
                 w2.append(matrix_q4(p + "w2", H))
 
             def stack(groups):
-                codes = np.stack([np.concatenate([t.codes for t in g]) for g in groups])  # (L, M, K/2)
-                scales = np.stack([np.concatenate([t.scales for t in g]) for g in groups])  # (L, M, K/QK)
-                return codes, scales.astype(np.float32)
+                # Planar Q4 rows -> the tiled layout of kernels.matmul_q4 (see kernels.repack_q4).
+                tiled = [kernels.repack_q4(np.concatenate([t.codes for t in g]),
+                                           np.concatenate([t.scales for t in g])) for g in groups]
+                codes = np.stack([c for c, _ in tiled])  # (L, T, K/2, Q4_TILE) uint8
+                scales = np.stack([s for _, s in tiled])  # (L, T, K/QK, Q4_TILE) float32
+                return codes, scales
 
             norm_bytes = 4 * (self.attn_norm.size + self.ffn_norm.size + self.final_norm.size)
             self.weight_bytes_stored = sum(t.nbytes for t in stored) + norm_bytes
@@ -226,7 +229,8 @@ class Encoder:
 
     def _set_empty_q4(self, L: int) -> None:
         e2u, e2f = np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)
-        e3u, e3f = np.zeros((L, 0, 0), np.uint8), np.zeros((L, 0, 0), np.float32)
+        # Empty Q4 stacks keep the tiled rank (L, T, K/2, Q4_TILE) so matmul_q4 still types.
+        e3u, e3f = np.zeros((L, 0, 0, 0), np.uint8), np.zeros((L, 0, 0, 0), np.float32)
         self.emb_c, self.emb_s = e2u, e2f
         self.wqkv_c = self.wo_c = self.w13_c = self.w2_c = e3u
         self.wqkv_s = self.wo_s = self.w13_s = self.w2_s = e3f

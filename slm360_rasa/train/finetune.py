@@ -80,7 +80,7 @@ class FinetuneConfig:
 class Prediction:
     """What the model says about one text."""
 
-    intent_probs: Optional[np.ndarray]  # (n_intents,) or None when intents are off
+    intent_probs: Optional[np.ndarray]  # (n_intents,); None when intents are off or the text is empty
     entities: List[dict]
 
 
@@ -243,6 +243,9 @@ class IntentEntityModel:
         has_e = f"{ENTITY}.weight" in self.heads and len(self.tags) > 1
         for text, s in zip(texts, states):
             probs = ents = None
+            if len(s.ids) <= 2:  # only [CLS] [SEP]: the text has no readable token
+                out.append(Prediction(intent_probs=None, entities=[]))
+                continue
             if has_i:
                 pooled = s.states.mean(axis=0)
                 probs = Hd.softmax(Hd.linear_head_forward(pooled[None], self.heads, INTENT))[0]

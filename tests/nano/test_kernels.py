@@ -26,14 +26,47 @@ def test_matmul_f32(rng, N, M_, Kd):
     np.testing.assert_allclose(out, x @ w.T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("N,M_,Kd", [(1, 4, 32), (7, 10, 64), (67, 9, 704)])
+# Shapes cover: partial row tiles (M % Q4_TILE), several K chunks with a short last one
+# (704 = 5 * 128 + 64), token tails (N % 4) and more than one token chunk (N > 256).
+@pytest.mark.parametrize("N,M_,Kd", [(1, 4, 32), (7, 10, 64), (67, 9, 704), (12, 64, 256),
+                                     (3, 33, 288), (301, 40, 160)])
 def test_matmul_q4_matches_dequantized_reference(rng, N, M_, Kd):
     w = rng.standard_normal((M_, Kd)).astype(np.float32)
     t, _ = Q.quantize_q4(w)
     x = rng.standard_normal((N, Kd)).astype(np.float32)
-    out = np.empty((N, M_), np.float32)
-    K.matmul_q4(x, t.codes, t.scales.astype(np.float32), out)
+    out = np.full((N, M_), np.nan, np.float32)
+    K.matmul_q4(x, *K.repack_q4(t.codes, t.scales), out)
     np.testing.assert_allclose(out, x @ Q.dequantize_q4(t).T, rtol=1e-4, atol=1e-4)
+
+
+def test_repack_q4_layout(rng):
+    """Tile t, byte i, lane r holds row 32 t + r's byte i; padding rows are exact zeros."""
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    t, _ = Q.quantize_q4(w)
+    codes, scales = K.repack_q4(t.codes, t.scales)
+    assert codes.shape == (2, 32, K.Q4_TILE) and codes.dtype == np.uint8
+    assert scales.shape == (2, 2, K.Q4_TILE) and scales.dtype == np.float32
+    for m in (0, 5, 31, 32, 39):
+        np.testing.assert_array_equal(codes[m // 32, :, m % 32], t.codes[m])
+        np.testing.assert_array_equal(scales[m // 32, :, m % 32], t.scales[m].astype(np.float32))
+    assert (codes[1, :, 8:] == 0x88).all() and (scales[1, :, 8:] == 0).all()
+
+
+def test_matmul_q4_does_not_depend_on_thread_count(rng):
+    w = rng.standard_normal((100, 704)).astype(np.float32)
+    t, _ = Q.quantize_q4(w)
+    codes, scales = K.repack_q4(t.codes, t.scales)
+    x = rng.standard_normal((13, 704)).astype(np.float32)
+    one, many = np.empty((13, 100), np.float32), np.empty((13, 100), np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        K.matmul_q4(x, codes, scales, one)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        K.matmul_q4(x, codes, scales, many)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, many)
 
 
 def test_dequant_row_and_embedding(rng):

@@ -1,0 +1,173 @@
+"""Metrics of the DIET vs SLM360 benchmark (benchmarks/compare.py), as plain functions.
+
+Kept free of Rasa so they can be unit-tested on hand-made inputs and recomputed from the
+saved JSON (benchmarks/report.py). Definitions follow ../shared/baselines/README.md:
+
+* intent accuracy takes the top *non-fallback* intent: when FallbackClassifier put
+  `nlu_fallback` on top, the next intent of `intent_ranking` is the prediction;
+* accuracy after fallback counts a message whose top intent is `nlu_fallback` as wrong;
+* macro F1 is sklearn's `f1_score(average="macro")` over the union of gold and predicted
+  labels (sklearn's default), with 0 for a label that is never predicted;
+* entity micro F1 counts a predicted entity as correct only when (start, end, label) all
+  equal a gold entity of the same message (exact span, character offsets);
+* out-of-scope recall is the share of out-of-scope messages whose top intent is `nlu_fallback`;
+* ECE uses 15 equal-width confidence bins over the top non-fallback intent's confidence.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+FALLBACK_INTENT = "nlu_fallback"  # rasa.shared.constants.DEFAULT_NLU_FALLBACK_INTENT_NAME
+ECE_BINS = 15
+
+Span = Tuple[int, int, str]  # (start, end, label), end exclusive
+
+
+def top_non_fallback(parse: Mapping) -> Tuple[Optional[str], float]:
+    """Name and confidence of the best intent that is not `nlu_fallback`.
+
+    `parse` is the dict returned by `Agent.parse_message`. FallbackClassifier puts
+    `nlu_fallback` first in `intent_ranking` and keeps the classifier's ranking below it,
+    so the first other entry is what the classifier predicted. (None, 0.0) if there is none.
+    """
+    ranking = parse.get("intent_ranking") or []
+    for entry in ranking:
+        name = entry.get("name")
+        if name and name != FALLBACK_INTENT:
+            return name, float(entry.get("confidence") or 0.0)
+    # Some classifiers set `intent` without a ranking.
+    intent = parse.get("intent") or {}
+    name = intent.get("name")
+    if name and name != FALLBACK_INTENT:
+        return name, float(intent.get("confidence") or 0.0)
+    return None, 0.0
+
+
+def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+    """Share of positions where y_pred equals y_true (nan for empty inputs)."""
+    _same_length(y_true, y_pred)
+    if not y_true:
+        return float("nan")
+    return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+
+
+def macro_f1(y_true: Sequence[str], y_pred: Sequence[Optional[str]]) -> float:
+    """Unweighted mean of per-label F1 over gold and predicted labels (sklearn).
+
+    A missing prediction (None) is mapped to a label of its own so it counts as wrong.
+    """
+    from sklearn.metrics import f1_score
+
+    _same_length(y_true, y_pred)
+    if not y_true:
+        return float("nan")
+    y_pred = ["<none>" if p is None else p for p in y_pred]
+    return float(f1_score(list(y_true), y_pred, average="macro", zero_division=0))
+
+
+def entity_micro_f1(gold: Sequence[Iterable[Span]], pred: Sequence[Iterable[Span]]) -> Dict[str, float]:
+    """Micro precision/recall/F1 of exact (start, end, label) entity matches, per message.
+
+    Duplicate spans within one message count once (two extractors may emit the same span).
+    P, R or F1 is 0 when its denominator is 0 but the other side is not; F1 is nan when
+    there are neither gold nor predicted entities at all (nothing to measure).
+    """
+    _same_length(gold, pred)
+    tp = n_gold = n_pred = 0
+    for g, p in zip(gold, pred):
+        gs = {(int(s), int(e), str(lab)) for s, e, lab in g}
+        ps = {(int(s), int(e), str(lab)) for s, e, lab in p}
+        tp += len(gs & ps)
+        n_gold += len(gs)
+        n_pred += len(ps)
+    if n_gold == 0 and n_pred == 0:
+        return {"precision": float("nan"), "recall": float("nan"), "f1": float("nan"),
+                "tp": 0, "n_gold": 0, "n_pred": 0}
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "n_gold": n_gold, "n_pred": n_pred}
+
+
+def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    # Bins are (lo, hi], as in Guo et al. 2017: bin b holds b/n < c <= (b+1)/n; a confidence
+    # of exactly 0 goes to the first bin. Rounding first keeps c = k/n on the intended side
+    # despite float error (e.g. 0.2 * 15 = 3.0000000000000004).
+    c = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    idx = np.ceil(np.round(c * n_bins, 9)).astype(np.int64) - 1
+    return np.clip(idx, 0, n_bins - 1)
+
+
+def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> List[dict]:
+    """Per-bin count, mean confidence and accuracy over equal-width bins of (0, 1].
+
+    Returns one dict per bin (empty bins included, with nan means) with keys
+    lo, hi, n, confidence, accuracy: the data of a reliability diagram.
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    corr = np.asarray(correct, dtype=np.float64)
+    if conf.shape != corr.shape:
+        raise ValueError(f"confidence and correct differ in length: {conf.shape} vs {corr.shape}")
+    idx = _bin_index(conf, n_bins)
+    out = []
+    for b in range(n_bins):
+        m = idx == b
+        n = int(m.sum())
+        out.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
+                    "confidence": float(conf[m].mean()) if n else float("nan"),
+                    "accuracy": float(corr[m].mean()) if n else float("nan")})
+    return out
+
+
+def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> float:
+    """ECE = sum over bins of (n_bin / N) * |accuracy_bin - mean confidence_bin| (nan if N = 0)."""
+    bins = reliability_bins(confidence, correct, n_bins)
+    total = sum(b["n"] for b in bins)
+    if total == 0:
+        return float("nan")
+    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"]))
+
+
+def oos_recall(top_intents: Sequence[Optional[str]]) -> float:
+    """Share of out-of-scope messages whose top intent is `nlu_fallback` (nan for none)."""
+    if not top_intents:
+        return float("nan")
+    return sum(t == FALLBACK_INTENT for t in top_intents) / len(top_intents)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """q-th percentile with linear interpolation (numpy's default); nan for no values."""
+    if len(values) == 0:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def bits_to_str(flags: Iterable[bool]) -> str:
+    """Pack booleans as a '0'/'1' string: compact in JSON and readable."""
+    return "".join("1" if f else "0" for f in flags)
+
+
+def str_to_bits(s: str) -> List[bool]:
+    """Inverse of bits_to_str; raises ValueError on any character other than 0/1."""
+    bad = set(s) - {"0", "1"}
+    if bad:
+        raise ValueError(f"not a 0/1 flag string: unexpected characters {sorted(bad)}")
+    return [c == "1" for c in s]
+
+
+def finite_or_none(x: Optional[float], ndigits: int = 6) -> Optional[float]:
+    """Round a float for JSON; nan/inf/None become None (JSON has no nan)."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x) or math.isinf(x):
+        return None
+    return round(x, ndigits)
+
+
+def _same_length(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"inputs differ in length: {len(a)} vs {len(b)}")

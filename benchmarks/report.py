@@ -1,0 +1,490 @@
+#!/usr/bin/env python
+"""Regenerate benchmarks/results/RESULTS.md and its PNG plots from the saved compare.py JSON.
+
+Reads every <dataset>__<system>.json of a results folder (default benchmarks/results/runs/)
+and writes, with nothing but those files as input:
+
+  * RESULTS.md: a plain statement of which targets are met or missed, then one table per
+    metric family (quality: accuracy, macro F1, entity F1, OOS recall, ECE; training time;
+    parse latency; memory and archive size) with SLM360/DIET ratios, the machine beside
+    every table;
+  * plots/accuracy.png, latency.png, train_time.png, memory.png, calibration.png.
+
+A dataset or system without a result file is shown as "not run", a failed run as "failed";
+no number is ever filled in. Examples:
+
+  benchmarks/report.py                     # benchmarks/results/runs -> benchmarks/results/RESULTS.md
+  benchmarks/report.py --quick             # benchmarks/results/quick -> benchmarks/results/quick/RESULTS.md
+  benchmarks/report.py --results-dir DIR   # DIR -> DIR/RESULTS.md, DIR/plots/
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import _metrics as M  # noqa: E402
+
+RESULTS_DIR = HERE / "results" / "runs"
+QUICK_RESULTS_DIR = HERE / "results" / "quick"
+DEFAULT_OUT = HERE / "results" / "RESULTS.md"
+DATASETS = ("snips", "atis", "banking77", "clinc150")
+SYSTEMS = ("diet", "slm360", "featurizer_diet")
+ALWAYS_SHOWN = ("diet", "slm360")  # featurizer_diet is optional: a column only once it has results
+LABELS = {"diet": "DIET", "slm360": "SLM360", "featurizer_diet": "SLM360 feat. + DIET"}
+ENTITY_DATASETS = ("snips", "atis")
+NOT_RUN = "not run"
+
+# Targets of the project (DESIGN.md / brief), checked per dataset where both systems ran.
+TARGETS = [
+    ("accuracy", "SLM360 intent accuracy above DIET's"),
+    ("train", "training at least 3x faster than DIET"),
+    ("p50", "parse P50 no slower than DIET's"),
+    ("rss", "serving RSS no larger than DIET's"),
+    ("archive", "model archive at least 4x smaller than DIET's"),
+]
+TRAIN_SPEEDUP_TARGET = 3.0
+ARCHIVE_SHRINK_TARGET = 4.0
+
+Results = Dict[Tuple[str, str], dict]
+
+
+class ReportError(Exception):
+    """Bad input; the message names it and the fix."""
+
+
+def load_results(results_dir: Path) -> Results:
+    """All result JSON files of `results_dir`, keyed by (dataset, system)."""
+    if not results_dir.is_dir():
+        raise ReportError(f"results folder not found: {results_dir}; run benchmarks/compare.py first "
+                          "(or pass --results-dir / --quick)")
+    out: Results = {}
+    for path in sorted(results_dir.glob("*__*.json")):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            print(f"report.py: warning: skipping {path}: not readable JSON ({e})", file=sys.stderr)
+            continue
+        if not str(r.get("schema", "")).startswith("slm360-compare/") or "dataset" not in r or "system" not in r:
+            print(f"report.py: warning: skipping {path}: not a compare.py result", file=sys.stderr)
+            continue
+        r["_file"] = str(path)
+        out[(r["dataset"], r["system"])] = r
+    return out
+
+
+def _ok(r: Optional[dict]) -> bool:
+    return bool(r) and r.get("status") == "ok"
+
+
+def metric(results: Results, dataset: str, system: str, key: str):
+    """A metric of an ok run; None if the run is missing, failed or lacks the metric."""
+    r = results.get((dataset, system))
+    return (r.get("metrics") or {}).get(key) if _ok(r) else None
+
+
+def cell(results: Results, dataset: str, system: str, key: str, fmt: str, na: str = "n/a") -> str:
+    """Table cell: the formatted metric, 'not run', 'failed (...)' or `na` (not applicable)."""
+    r = results.get((dataset, system))
+    if r is None:
+        return NOT_RUN
+    if not _ok(r):
+        return f"failed ({r.get('status')})"
+    v = (r.get("metrics") or {}).get(key)
+    return na if v is None else format(v, fmt)
+
+
+def _ratio(a, b) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _fmt(v, fmt: str, none: str = "-") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+# ---------------------------------------------------------------------------- machines
+
+
+def machine_line(results: Results, datasets: Sequence[str], systems: Sequence[str]) -> str:
+    """One line describing the machine(s) the given runs were measured on."""
+    runs = [r for (d, s), r in results.items() if d in datasets and s in systems and r.get("machine")]
+    if not runs:
+        return "_Machine: no runs._"
+    seen = {}
+    for r in runs:
+        m = r["machine"]
+        desc = (f"{m.get('cpu')}, {m.get('cores_logical')} cores ({m.get('cores_usable')} usable), "
+                f"{m.get('ram_gb')} GiB RAM; Python {m.get('python')}, rasa {m.get('rasa')}, "
+                f"tensorflow {m.get('tensorflow')}, numba {m.get('numba')}")
+        seen.setdefault(desc, []).append(str(r.get("started") or m.get("date") or "")[:10])
+    parts = [f"{desc} (measured {', '.join(sorted(set(dates)))})" for desc, dates in seen.items()]
+    line = "_Machine: " + "; ".join(parts) + "._"
+    if len(seen) > 1:
+        line += " **Runs come from different machines: ratios between them are not meaningful.**"
+    loads = [max(r["loadavg"]["start"][0], r["loadavg"]["end"][0]) for r in runs if r.get("loadavg")]
+    cores = max((r["machine"].get("cores_logical") or 1) for r in runs)
+    if loads and max(loads) > cores:
+        line += (f" _Load average reached {max(loads):.1f} on {cores} cores during these runs: another job "
+                 "shared the CPU, so absolute times are inflated._")
+    return line
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
+    """One plain-language line per target: met, MISSED (with the numbers) or not measured."""
+    lines = []
+    for key, text in TARGETS:
+        met, missed, unmeasured = [], [], []
+        for d in datasets:
+            diet, slm = results.get((d, "diet")), results.get((d, "slm360"))
+            if not (_ok(diet) and _ok(slm)):
+                unmeasured.append(d)
+                continue
+            dm, sm = diet["metrics"], slm["metrics"]
+            if key == "accuracy":
+                ok = sm["accuracy"] > dm["accuracy"]
+                detail = f"SLM360 {sm['accuracy']:.4f} vs DIET {dm['accuracy']:.4f}"
+            elif key == "train":
+                speed = _ratio(dm["train_wall_s"], sm["train_wall_s"])
+                ok = speed is not None and speed >= TRAIN_SPEEDUP_TARGET
+                detail = f"{_fmt(speed, '.2f')}x faster: SLM360 {sm['train_wall_s']:.1f} s vs DIET {dm['train_wall_s']:.1f} s"
+            elif key == "p50":
+                ok = sm["parse_p50_ms"] <= dm["parse_p50_ms"]
+                detail = f"SLM360 {sm['parse_p50_ms']:.2f} ms vs DIET {dm['parse_p50_ms']:.2f} ms"
+            elif key == "rss":
+                ok = sm["serve_peak_rss_mb"] <= dm["serve_peak_rss_mb"]
+                detail = f"SLM360 {sm['serve_peak_rss_mb']:.0f} MB vs DIET {dm['serve_peak_rss_mb']:.0f} MB"
+            else:
+                shrink = _ratio(dm["model_mb"], sm["model_mb"])
+                ok = shrink is not None and shrink >= ARCHIVE_SHRINK_TARGET
+                detail = f"{_fmt(shrink, '.1f')}x smaller: SLM360 {sm['model_mb']:.2f} MB vs DIET {dm['model_mb']:.2f} MB"
+            (met if ok else missed).append(f"{d} ({detail})")
+        if missed:
+            status = "**MISSED** on " + "; ".join(missed)
+            if met:
+                status += ". Met on " + "; ".join(met)
+        elif met:
+            status = "met on " + "; ".join(met)
+        else:
+            status = "not measured"
+        if unmeasured and (met or missed):
+            status += f". Not measured on {', '.join(unmeasured)} (DIET or SLM360 not run or failed)"
+        elif unmeasured:
+            status += f" (no dataset has both DIET and SLM360 results: {', '.join(unmeasured)})"
+        lines.append(f"- {text}: {status}.")
+    return lines
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def quality_table(results, datasets, systems, key, fmt, delta=True, applies=None) -> List[str]:
+    """Rows = datasets, columns = systems (+ SLM360 - DIET) for one quality metric."""
+    header = ["dataset"] + [LABELS[s] for s in systems] + (["SLM360 - DIET"] if delta else [])
+    rows = []
+    for d in datasets:
+        if applies is not None and not applies(d, results):
+            rows.append([d] + ["n/a"] * (len(systems) + delta))
+            continue
+        row = [d] + [cell(results, d, s, key, fmt) for s in systems]
+        if delta:
+            a, b = metric(results, d, "slm360", key), metric(results, d, "diet", key)
+            row.append(_fmt(None if a is None or b is None else a - b, "+" + fmt))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def ratio_table(results, datasets, systems, specs) -> List[str]:
+    """Per dataset: each (key, label, fmt) per system, then SLM360/DIET for each key."""
+    header = ["dataset"]
+    for key, label, unit, fmt in specs:
+        header += [f"{LABELS[s]} {label} ({unit})" for s in systems] + [f"{label} SLM360/DIET"]
+    rows = []
+    for d in datasets:
+        row = [d]
+        for key, label, unit, fmt in specs:
+            row += [cell(results, d, s, key, fmt) for s in systems]
+            row.append(_fmt(_ratio(metric(results, d, "slm360", key), metric(results, d, "diet", key)), ".2f"))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _has_entities(d: str, results: Results) -> bool:
+    for s in SYSTEMS:
+        r = results.get((d, s))
+        if _ok(r) and r["metrics"].get("entity_micro_f1") is not None:
+            return True
+    return d in ENTITY_DATASETS
+
+
+def _has_oos(d: str, results: Results) -> bool:
+    for s in SYSTEMS:
+        r = results.get((d, s))
+        if _ok(r) and r["metrics"].get("oos_recall") is not None:
+            return True
+    return d == "clinc150"
+
+
+def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[str, Path]) -> str:
+    """The whole RESULTS.md text."""
+    datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
+    systems = [s for s in SYSTEMS if s in ALWAYS_SHOWN or any(k[1] == s for k in results)]
+    systems += sorted({s for _, s in results} - set(systems))
+    for s in systems:
+        LABELS.setdefault(s, s)
+    mline = machine_line(results, datasets, systems)
+    quick = any(r.get("quick") for r in results.values())
+    try:
+        src = results_dir.resolve().relative_to(ROOT)
+    except ValueError:
+        src = results_dir
+    L = ["# DIET vs SLM360: benchmark results", "",
+         f"Generated by `benchmarks/report.py` from {len(results)} result file(s) in `{src}` "
+         f"on {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Protocol: DESIGN.md section 6; "
+         "both systems trained with `rasa train nlu` and evaluated through `Agent.parse_message` in a fresh "
+         "process (10 warm-up messages, then one timed call per test message). Pipelines: `benchmarks/configs/`.", ""]
+    if quick:
+        L += ["> **QUICK MODE results** (`compare.py --quick`): subsampled data and 2 epochs. They test the "
+              "benchmark's plumbing and are **not** benchmark figures.", ""]
+    subset = sorted(f"{r['dataset']} x {r['system']} ({r['data']['n_test']} test messages)" for r in results.values()
+                    if not r.get("quick") and ((r.get("data") or {}).get("subsample") or {}).get("limit_test"))
+    if subset:
+        L += ["> **Measured on a subset of the test split** (`compare.py --limit-test`): " + "; ".join(subset)
+              + ". Re-run them without --limit-test for benchmark figures.", ""]
+    L += ["## Targets", "", mline, ""] + target_lines(results, datasets) + [""]
+
+    L += ["## Quality", "", mline, "",
+          "### Intent accuracy", "",
+          "Top non-fallback intent (when FallbackClassifier answers `nlu_fallback`, the next intent of the ranking).", ""]
+    L += quality_table(results, datasets, systems, "accuracy", ".4f") + [""]
+    L += ["### Macro F1", "", "sklearn `f1_score(average='macro')` of the top non-fallback intent.", ""]
+    L += quality_table(results, datasets, systems, "macro_f1", ".4f") + [""]
+    L += ["### Entity micro F1", "", "Exact character span (start, end) and label; datasets without entities: n/a.", ""]
+    L += quality_table(results, datasets, systems, "entity_micro_f1", ".4f", applies=_has_entities) + [""]
+    L += ["### Out-of-scope recall", "",
+          "Share of out-of-scope test messages (`oos_test.jsonl`) whose top intent is `nlu_fallback` at the "
+          "pipeline's FallbackClassifier threshold (0.3); in-scope accuracy after fallback counts a fallback as wrong.", ""]
+    L += quality_table(results, datasets, systems, "oos_recall", ".4f", applies=_has_oos) + [""]
+    L += ["In-scope accuracy after fallback:", ""]
+    L += quality_table(results, datasets, systems, "accuracy_after_fallback", ".4f") + [""]
+    L += ["Fallback rate on in-scope test messages:", ""]
+    L += quality_table(results, datasets, systems, "fallback_rate_in_scope", ".4f") + [""]
+    L += ["### Calibration", "",
+          "Expected calibration error (lower is better), 15 equal-width bins of the top non-fallback intent's "
+          "confidence against its correctness.", ""]
+    L += quality_table(results, datasets, systems, "ece", ".4f") + [""]
+
+    L += ["## Training time", "", mline, "",
+          "Wall time of the whole `rasa train nlu` process (Python and TensorFlow start-up included, as a user "
+          "sees it). SLM360/DIET below 1 means SLM360 is faster; the target is at most 1/3.", ""]
+    L += ratio_table(results, datasets, systems, [("train_wall_s", "train wall", "s", ".1f"),
+                                                  ("train_cpu_s", "train CPU", "s", ".1f")]) + [""]
+    L += ["## Parse latency", "", mline, "",
+          "One `await agent.parse_message(text)` per test message, after 10 warm-up messages.", ""]
+    L += ratio_table(results, datasets, systems, [("parse_p50_ms", "P50", "ms", ".2f"),
+                                                  ("parse_p99_ms", "P99", "ms", ".2f")]) + [""]
+    L += ["## Memory and size", "", mline, "",
+          "Training: peak RSS of the `rasa train nlu` process tree. Serving: peak RSS of the evaluation process "
+          "after loading the model and parsing every message. Archive: the `.tar.gz` that `rasa train` writes.", ""]
+    L += ratio_table(results, datasets, systems, [("train_peak_rss_mb", "train peak RSS", "MB", ".0f"),
+                                                  ("serve_peak_rss_mb", "serving RSS", "MB", ".0f"),
+                                                  ("model_mb", "archive", "MB", ".2f")]) + [""]
+    L += ["Model load time (`Agent.load`, s):", ""]
+    L += quality_table(results, datasets, systems, "load_s", ".2f", delta=False) + [""]
+
+    failed = [r for r in results.values() if not _ok(r)]
+    if failed:
+        L += ["## Failed runs", ""]
+        for r in failed:
+            L.append(f"- {r['dataset']} x {r['system']}: {r.get('status')}: {r.get('error', '')}")
+        L.append("")
+    if plots:
+        L += ["## Plots", ""]
+        for title, path in plots.items():
+            L.append(f"![{title}]({Path(_rel(path, out.parent)).as_posix()})")
+        L.append("")
+    return "\n".join(L)
+
+
+def _rel(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start)
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
+    """Write the PNG plots; returns {title: path}. Missing runs are labelled 'not run'."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
+    systems = [s for s in SYSTEMS if s in ALWAYS_SHOWN or any(k[1] == s for k in results)]
+    out: Dict[str, Path] = {}
+
+    def bars(ax, key, ylabel, log=False):
+        x = np.arange(len(datasets))
+        w = 0.8 / len(systems)
+        for i, s in enumerate(systems):
+            for j, d in enumerate(datasets):
+                v = metric(results, d, s, key)
+                pos = x[j] - 0.4 + w * (i + 0.5)
+                if v is None:
+                    ax.text(pos, 0.02, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=7,
+                            transform=ax.get_xaxis_transform(), color="grey")
+                else:
+                    ax.bar(pos, v, w, color=f"C{i}", label=LABELS[s])
+        ax.set_xticks(x)
+        ax.set_xticklabels(datasets)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        if uniq:
+            ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars(ax, "accuracy", "intent accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Intent accuracy per dataset")
+    out["Intent accuracy"] = _save(fig, plots_dir / "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    data, pos, colors, ticks = [], [], [], []
+    for j, d in enumerate(datasets):
+        for i, s in enumerate(systems):
+            r = results.get((d, s))
+            lat = (r.get("per_message") or {}).get("latency_ms") if _ok(r) else None
+            p = j * (len(systems) + 1) + i
+            if lat:
+                data.append(lat)
+                pos.append(p)
+                colors.append(f"C{i}")
+            else:
+                ax.text(p, 0.02, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=7,
+                        transform=ax.get_xaxis_transform(), color="grey")
+        ticks.append(j * (len(systems) + 1) + (len(systems) - 1) / 2)
+    if data:
+        bp = ax.boxplot(data, positions=pos, widths=0.7, whis=(1, 99), showfliers=False, patch_artist=True)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+        ax.set_yscale("log")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(datasets)
+    ax.set_xlim(-1, len(datasets) * (len(systems) + 1))
+    ax.set_ylabel("parse latency (ms, log)")
+    ax.set_title("Agent.parse_message latency (box: quartiles, whiskers: P1-P99)")
+    for i, s in enumerate(systems):
+        ax.plot([], [], color=f"C{i}", lw=8, label=LABELS[s])
+    ax.legend(fontsize=8)
+    out["Parse latency"] = _save(fig, plots_dir / "latency.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars(ax, "train_wall_s", "train wall time (s, log)", log=True)
+    ax.set_title("rasa train nlu wall time")
+    out["Training time"] = _save(fig, plots_dir / "train_time.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, label) in zip(axes, [("train_peak_rss_mb", "training peak RSS (MB)"),
+                                       ("serve_peak_rss_mb", "serving peak RSS (MB)"),
+                                       ("model_mb", "model archive (MB, log)")]):
+        bars(ax, key, label, log=key == "model_mb")
+        ax.set_title(label)
+    out["Memory and size"] = _save(fig, plots_dir / "memory.png")
+
+    measured = [d for d in datasets if any(_ok(results.get((d, s))) for s in systems)]
+    if measured:
+        fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 4), squeeze=False)
+        for ax, d in zip(axes[0], measured):
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+            for i, s in enumerate(systems):
+                r = results.get((d, s))
+                if not _ok(r):
+                    continue
+                pm = r["per_message"]
+                bins = M.reliability_bins(pm["confidence"], M.str_to_bits(pm["correct"]))
+                xs = [b["confidence"] for b in bins if b["n"]]
+                ys = [b["accuracy"] for b in bins if b["n"]]
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{LABELS[s]} (ECE {r['metrics']['ece']:.3f})")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_title(d)
+            ax.legend(fontsize=7)
+        out["Calibration (reliability)"] = _save(fig, plots_dir / "calibration.png")
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Write RESULTS.md (and plots); 0 on success, 2 on bad input."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results-dir", type=Path, default=None,
+                    help=f"folder of <dataset>__<system>.json files (default: {RESULTS_DIR.relative_to(ROOT)})")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"report the --quick results ({QUICK_RESULTS_DIR.relative_to(ROOT)})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"Markdown file to write (default: {DEFAULT_OUT.relative_to(ROOT)} for the default "
+                         "results folder, else RESULTS.md inside --results-dir)")
+    ap.add_argument("--plots-dir", type=Path, default=None, help="where the PNGs go (default: plots/ beside --out)")
+    ap.add_argument("--no-plots", action="store_true", help="write the Markdown only")
+    args = ap.parse_args(argv)
+    if args.quick and args.results_dir is not None:
+        ap.error("--quick and --results-dir are exclusive: --quick means --results-dir "
+                 f"{QUICK_RESULTS_DIR.relative_to(ROOT)}")
+    results_dir = args.results_dir or (QUICK_RESULTS_DIR if args.quick else RESULTS_DIR)
+    out = args.out or (DEFAULT_OUT if results_dir == RESULTS_DIR else results_dir / "RESULTS.md")
+    try:
+        results = load_results(results_dir)
+    except ReportError as e:
+        print(f"report.py: error: {e}", file=sys.stderr)
+        return 2
+    plots = {} if args.no_plots else make_plots(results, args.plots_dir or out.parent / "plots")
+    text = render_markdown(results, results_dir, out, plots)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out} ({len(results)} result file(s), {len(plots)} plot(s))", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

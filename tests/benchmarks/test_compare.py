@@ -1,0 +1,441 @@
+"""benchmarks/compare.py, _metrics.py and report.py: YAML writer, metrics, process monitor, report, end to end."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _metrics as M  # noqa: E402
+import compare as C  # noqa: E402
+import report as R  # noqa: E402
+
+BASELINE_DIET = ROOT.parent / "shared" / "baselines" / "diet_default.yml"
+
+
+def _env():
+    return {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
+
+
+# ---------------------------------------------------------------------------- YAML writer
+
+def _ex(text, intent, *ents):
+    """An Example whose entities are given as (value, label), located with str.index."""
+    return C.Example(text, intent, sorted((text.index(v), text.index(v) + len(v), lab) for v, lab in ents))
+
+
+TRICKY = [
+    _ex("book a table for 4 people", "book", ("4", "people")),
+    _ex("book [a] table (for) 4 [x](y) now", "book", ("4", "people")),
+    _ex("[x](y) {z} ]( [", "weird"),
+    _ex("[4](people) is literal here", "weird", ("literal", "where")),
+    _ex("[[][]", "weird", ("[", "br")),
+    _ex("a[b c", "weird", ("a[b", "x.y")),
+    _ex("(a) [b {c}", "weird", ("(a)", "p"), ("[b", "q"), ("{c}", "r")),
+    _ex("call me at 5:30", "time", ("5:30", "t:ime")),
+    _ex("  leading and trailing \n", "spaces"),
+    _ex("\nline\nbreak\ttab\x00ctl \u2028 🙂", "spaces"),
+    _ex(" ent at start ", "spaces", ("ent", "pos")),
+    _ex('quote " and \\ back # hash - dash', "atis_flight#atis_airfare"),
+    _ex("x", "reverted_card_payment?", ("x", "k")),
+    _ex("Привет, 你好 (hi)", "greet", ("你好", "lang")),
+]
+
+
+def _key(e):
+    return e.text, e.intent, tuple(e.entities)
+
+
+def test_annotate_uses_the_markdown_entity_syntax():
+    assert C.annotate(C.Example("book a table for 4 people", "book", [(17, 18, "people")])) == \
+        "book a table for [4](people) people"
+    assert C.annotate(C.Example("at 5:30", "t", [(3, 7, "a:b")])) == 'at [5:30]{"entity": "a:b"}'
+
+
+def test_yaml_round_trips_through_rasa_load_data(tmp_path):
+    pytest.importorskip("rasa")
+    path = C.write_nlu_yaml(TRICKY, tmp_path / "nlu.yml")
+    got = C.read_back(path)
+    assert sorted(map(_key, got)) == sorted(map(_key, TRICKY))
+    assert C.verify_round_trip(path, TRICKY) == len(TRICKY)
+
+
+def test_yaml_round_trips_random_texts_with_brackets(tmp_path):
+    """Seeded random texts over an alphabet of the characters Rasa's format gives meaning to."""
+    pytest.importorskip("rasa")
+    rng = random.Random(0)
+    alphabet = "ab [](){}:,\"'\\#-|>"
+    examples = []
+    for i in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+        ents, pos = [], 0
+        while pos < len(text) and rng.random() < 0.6:
+            s = rng.randint(pos, len(text) - 1)
+            e = rng.randint(s + 1, min(len(text), s + 6))
+            if "]" not in text[s:e]:
+                ents.append((s, e, rng.choice(["a", "b.c", "d_e"])))
+            pos = e + 1
+        examples.append(C.Example(text, f"intent{i % 5}", ents))
+    path = C.write_nlu_yaml(examples, tmp_path / "nlu.yml")
+    want = {_key(e) for e in examples}
+    assert {_key(e) for e in C.read_back(path)} == want
+
+
+def test_rasa_drops_duplicates_and_verify_counts_distinct(tmp_path):
+    pytest.importorskip("rasa")
+    exs = [C.Example("hi there", "greet"), C.Example("hi there", "greet"), C.Example("bye", "bye")]
+    path = C.write_nlu_yaml(exs, tmp_path / "nlu.yml")
+    assert C.verify_round_trip(path, exs) == 2
+
+
+@pytest.mark.parametrize("example, message", [
+    (C.Example("abc", "x", [(0, 2, "a"), (1, 3, "b")]), "overlapping"),
+    (C.Example("a]b c", "x", [(0, 3, "a")]), "contains ']'"),
+    (C.Example("", "x"), "empty text"),
+])
+def test_unrepresentable_examples_are_refused(example, message):
+    with pytest.raises(C.CompareError, match=message):
+        C.nlu_yaml([example], "train.jsonl")
+
+
+@pytest.mark.parametrize("intent, message", [("faq/ask", "retrieval"), ("nlu_fallback", "reserved"),
+                                             (" padded", "whitespace")])
+def test_bad_intent_names_are_refused(intent, message):
+    with pytest.raises(C.CompareError, match=message):
+        C.nlu_yaml([C.Example("hello", intent)], "train.jsonl")
+
+
+def test_load_jsonl_names_file_and_line_of_bad_input(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "hi", "intent": "greet", "entities": []}\n'
+                    '{"text": "go home", "intent": "nav", "entities": [{"start": 3, "end": 7, "entity": "p", "value": "hom"}]}\n')
+    with pytest.raises(C.CompareError, match=r"train.jsonl:2: entity value 'hom'"):
+        C.load_jsonl(path)
+    path.write_text("not json\n")
+    with pytest.raises(C.CompareError, match=r"train.jsonl:1: not valid JSON"):
+        C.load_jsonl(path)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _pipeline(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())["pipeline"]
+
+
+@pytest.mark.skipif(not BASELINE_DIET.is_file(), reason="../shared/baselines not available")
+def test_diet_config_is_the_baseline_pipeline():
+    assert _pipeline(BENCH / "configs" / "diet.yml") == _pipeline(BASELINE_DIET)
+
+
+def test_slm360_pipelines_have_the_agreed_components():
+    names = [c["name"] for c in _pipeline(BENCH / "configs" / "slm360.yml")]
+    assert names == ["WhitespaceTokenizer", C.CLASSIFIER, "EntitySynonymMapper", "FallbackClassifier"]
+    fb = _pipeline(BENCH / "configs" / "slm360.yml")[-1]
+    assert fb["threshold"] == 0.3 and fb["ambiguity_threshold"] == 0.1
+    feat = _pipeline(BENCH / "configs" / "featurizer_diet.yml")
+    assert [c["name"] for c in feat] == ["WhitespaceTokenizer", C.FEATURIZER, "DIETClassifier",
+                                        "EntitySynonymMapper", "FallbackClassifier"]
+    assert feat[2]["epochs"] == 100 and feat[2]["constrain_similarities"] is True
+
+
+def test_build_config_applies_quick_epochs_then_overrides(tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    ckpt.write_bytes(b"x")
+    sets = C.parse_sets(["epochs=5", f"checkpoint={ckpt}"], "--slm360-set")
+    C._resolve_checkpoint(sets, "--slm360-set")
+    cfg, applied = C.build_config("slm360", True, sets, {}, {})
+    comp = next(c for c in cfg["pipeline"] if c["name"] == C.CLASSIFIER)
+    assert comp["epochs"] == 5 and comp["checkpoint"] == str(ckpt.resolve())
+    cfg, _ = C.build_config("diet", True, {}, {}, {})
+    assert next(c for c in cfg["pipeline"] if c["name"] == "DIETClassifier")["epochs"] == C.QUICK["diet_epochs"]
+    cfg, _ = C.build_config("featurizer_diet", False, sets, {}, {})
+    assert next(c for c in cfg["pipeline"] if c["name"] == C.FEATURIZER)["checkpoint"] == str(ckpt.resolve())
+    assert C.needs_pretrained(C.build_config("slm360", False, {}, {}, {})[0]) == [C.CLASSIFIER]
+
+
+def test_sets_are_validated():
+    assert C.parse_sets(["epochs=2", "precision=f32", "entity_recognition=false"], "--x") == \
+        {"epochs": 2, "precision": "f32", "entity_recognition": False}
+    with pytest.raises(C.CompareError, match="expected key=value"):
+        C.parse_sets(["epochs"], "--slm360-set")
+    keys = C.component_keys(ROOT / "slm360_rasa/components/classifier.py", "SLM360Classifier")
+    assert {"epochs", "checkpoint", "precision"} <= keys
+    with pytest.raises(C.CompareError, match="unknown SLM360Classifier key"):
+        C._check_keys({"epoch": 2}, "classifier.py", "SLM360Classifier", "--slm360-set")
+
+
+def test_quick_subsample_is_seeded_and_sized():
+    train = [C.Example(f"t{i}", f"i{i % 12}") for i in range(240)]
+    test = [C.Example(f"s{i}", f"i{i % 12}") for i in range(120)]
+    ds = C.Dataset("d", Path("."), train, test, [C.Example(f"o{i}", "oos") for i in range(50)], {}, {})
+    a, b = C.quick_subsample(ds), C.quick_subsample(ds)
+    assert [e.text for e in a.train] == [e.text for e in b.train]
+    assert len({e.intent for e in a.train}) == 8 and len(a.train) == 80
+    assert len(a.test) == 40 and {e.intent for e in a.test} <= {e.intent for e in a.train}
+    assert len(a.oos) == 20
+    lim = C.limit_test(a, 7)
+    assert len(lim.test) == 7 and len(lim.oos) == 7 and lim.train == a.train
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_macro_f1_known_answer():
+    # a: P = R = 1/2 -> F1 0.5; b: P 2/3, R 1 -> 0.8; c: never predicted -> 0.
+    assert M.macro_f1(list("aabbc"), list("abbba")) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert M.macro_f1(["a", "b"], ["a", None]) == pytest.approx((1 + 0 + 0) / 3)  # None is its own wrong label
+
+
+def test_entity_micro_f1_known_answer():
+    gold = [[(0, 3, "A"), (4, 7, "B")], [(1, 2, "C")], []]
+    pred = [[(0, 3, "A"), (4, 7, "A")], [], [(0, 1, "C"), (0, 1, "C")]]  # duplicate counts once
+    r = M.entity_micro_f1(gold, pred)
+    assert (r["tp"], r["n_gold"], r["n_pred"]) == (1, 3, 3)
+    assert r["precision"] == pytest.approx(1 / 3) and r["recall"] == pytest.approx(1 / 3)
+    assert r["f1"] == pytest.approx(1 / 3)
+    assert M.entity_micro_f1([[(0, 1, "x")]], [[(0, 2, "x")]])["f1"] == 0.0  # span must match exactly
+    assert M.entity_micro_f1([[]], [[]])["f1"] != M.entity_micro_f1([[]], [[]])["f1"]  # nan: nothing to measure
+
+
+def test_ece_known_answers():
+    # Bin of 0.95: accuracy 1/2 -> gap 0.45; bin of 0.55: accuracy 1 -> gap 0.45; ECE = 0.45.
+    assert M.expected_calibration_error([0.95, 0.95, 0.55, 0.55], [1, 0, 1, 1]) == pytest.approx(0.45)
+    assert M.expected_calibration_error([0.5] * 4, [1, 0, 1, 0]) == pytest.approx(0.0)
+    # Weighted by bin size: 3 messages at 0.9 all right (gap 0.1), 1 at 0.3 wrong (gap 0.3).
+    assert M.expected_calibration_error([0.9, 0.9, 0.9, 0.3], [1, 1, 1, 0]) == pytest.approx(0.75 * 0.1 + 0.25 * 0.3)
+
+
+def test_reliability_bins_edges():
+    bins = M.reliability_bins([0.0, 1 / 15, 0.2, 1.0, 0.5], [1, 1, 1, 1, 0])
+    assert len(bins) == 15
+    assert bins[0]["n"] == 2  # 0 and exactly 1/15 (bins are (lo, hi])
+    assert bins[2]["n"] == 1  # 0.2 = 3/15 falls in (2/15, 3/15]
+    assert bins[14]["n"] == 1 and bins[7]["n"] == 1
+
+
+def test_top_non_fallback_and_oos_recall():
+    parse = {"intent": {"name": "nlu_fallback", "confidence": 0.3},
+             "intent_ranking": [{"name": "nlu_fallback", "confidence": 0.3}, {"name": "book", "confidence": 0.25},
+                                {"name": "menu", "confidence": 0.2}]}
+    assert M.top_non_fallback(parse) == ("book", 0.25)
+    assert M.top_non_fallback({"intent": {"name": "menu", "confidence": 0.9}}) == ("menu", 0.9)
+    assert M.top_non_fallback({}) == (None, 0.0)
+    assert M.oos_recall(["nlu_fallback", "a", "nlu_fallback", "nlu_fallback"]) == 0.75
+
+
+def test_bits_round_trip():
+    flags = [True, False, False, True]
+    assert M.str_to_bits(M.bits_to_str(flags)) == flags
+    with pytest.raises(ValueError):
+        M.str_to_bits("01x")
+
+
+def _raw(intent, conf, ranking, ents=(), lat=1.0):
+    return {"intent": intent, "confidence": conf, "ranking": ranking, "entities": [list(e) for e in ents],
+            "latency_ms": lat}
+
+
+def test_summarize_counts_fallback_as_the_baselines_do():
+    test = [C.Example("a", "book", [(0, 1, "x")]), C.Example("b", "menu"), C.Example("c", "menu"), C.Example("d", "hours")]
+    oos = [C.Example("o1", "oos"), C.Example("o2", "oos")]
+    ds = C.Dataset("d", Path("."), test, test, oos, {}, {})
+    fb = "nlu_fallback"
+    raw = {"results": [
+        _raw("book", 0.9, [["book", 0.9], ["menu", 0.1]], [(0, 1, "x")], 1.0),
+        _raw(fb, 0.3, [[fb, 0.3], ["menu", 0.25], ["book", 0.2]], (), 2.0),  # right after un-fallback
+        _raw("book", 0.6, [["book", 0.6], ["menu", 0.4]], (), 3.0),          # wrong
+        _raw(fb, 0.3, [[fb, 0.3], ["book", 0.28]], (), 4.0),                 # wrong either way
+        _raw(fb, 0.3, [[fb, 0.3], ["book", 0.2]], (), 5.0),                  # OOS caught
+        _raw("menu", 0.7, [["menu", 0.7]], (), 6.0),                         # OOS missed
+    ]}
+    m, pm, oos_pm, rel = C.summarize(ds, raw)
+    assert m["accuracy"] == 0.5 and m["accuracy_after_fallback"] == 0.25
+    assert m["fallback_rate_in_scope"] == 0.5 and m["oos_recall"] == 0.5 and m["n_oos"] == 2
+    assert m["entity_micro_f1"] == 1.0
+    assert m["parse_p50_ms"] == 2.5  # in-scope messages only
+    assert pm["correct"] == "1100" and pm["fallback"] == "0101"
+    assert [pm["labels"][i] for i in pm["pred"]] == ["book", "menu", "book", "book"]
+    assert pm["confidence"] == [0.9, 0.25, 0.6, 0.28]
+    assert oos_pm["fallback"] == "10" and len(oos_pm["latency_ms"]) == 2
+    assert m["ece"] == pytest.approx(M.expected_calibration_error(pm["confidence"], M.str_to_bits(pm["correct"])), abs=1e-6)
+    assert sum(b["n"] for b in rel) == 4
+
+
+# ---------------------------------------------------------------------------- process monitor
+
+
+def test_run_monitored_sees_peak_rss_and_return_code(tmp_path):
+    code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5); raise SystemExit(3)"
+    r = C.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
+    assert r["rc"] == 3 and not r["timed_out"]
+    assert r["peak_rss_mb"] >= 200 and r["ru_maxrss_mb"] >= 200
+    r = C.run_monitored([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log2", _env(), tmp_path,
+                        timeout_s=1)
+    assert r["timed_out"] and r["rc"] != 0 and r["wall_s"] < 20
+
+
+# ---------------------------------------------------------------------------- CLI and report
+
+
+@pytest.mark.parametrize("script", ["compare.py", "report.py", "_rasa_eval.py"])
+def test_help(script):
+    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, env=_env(),
+                         timeout=120)
+    assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_cli_names_bad_input(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(BENCH / "compare.py"), *args], capture_output=True, text=True,
+                              env=_env(), timeout=120)
+
+    r = run("--systems", "diet,bert", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "bert" in r.stderr and "slm360" in r.stderr
+    r = run("--datasets", "nope", "--data-dir", str(tmp_path), "--systems", "diet")
+    assert r.returncode == 2 and "dataset 'nope' not found" in r.stderr
+    r = run("--data-dir", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "--data-dir" in r.stderr
+    r = run("--slm360-set", f"checkpoint={tmp_path / 'none.safetensors'}", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "none.safetensors" in r.stderr
+
+
+def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok"):
+    n = 4
+    return {"schema": C.SCHEMA, "dataset": dataset, "system": system, "status": status, "quick": False,
+            "started": "2026-11-21T00:00:00+00:00", "loadavg": {"start": [0.1, 0, 0], "end": [0.2, 0, 0]},
+            "machine": {"cpu": "Test CPU", "cores_logical": 2, "cores_usable": 2, "ram_gb": 24, "python": "3.10",
+                        "rasa": "3.6.21", "tensorflow": "2.12.0", "numba": "0.68.1"},
+            "error": "rasa train nlu failed (rc=1)" if status != "ok" else None,
+            "metrics": {"accuracy": acc, "macro_f1": acc, "entity_micro_f1": None, "oos_recall": None,
+                        "accuracy_after_fallback": acc, "fallback_rate_in_scope": 0.0, "ece": 0.05,
+                        "train_wall_s": wall, "train_cpu_s": wall, "parse_p50_ms": p50, "parse_p99_ms": p50 * 2,
+                        "train_peak_rss_mb": rss * 2, "serve_peak_rss_mb": rss, "model_mb": mb, "load_s": 1.0},
+            "per_message": {"latency_ms": [p50] * n, "confidence": [0.9, 0.8, 0.7, 0.6], "correct": "1101"}}
+
+
+def test_report_marks_missing_runs_and_missed_targets(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for r in [_fake_result("banking77", "diet", 0.90, 4000, 3.8, 1060, 49.7),
+              _fake_result("banking77", "slm360", 0.88, 1000, 2.0, 700, 3.9),
+              _fake_result("snips", "diet", 0.97, 3000, 3.0, 1000, 40.0),
+              _fake_result("atis", "slm360", 0, 0, 0, 0, 0, status="train_failed")]:
+        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
+    out = tmp_path / "RESULTS.md"
+    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
+    md = out.read_text()
+    assert "| snips | 0.9700 | not run |" in md
+    assert "failed (train_failed)" in md and "| clinc150 | not run | not run |" in md
+    assert "intent accuracy above DIET's: **MISSED** on banking77 (SLM360 0.8800 vs DIET 0.9000)" in md
+    assert "training at least 3x faster than DIET: met on banking77 (4.00x faster" in md
+    assert "model archive at least 4x smaller than DIET's: met on banking77 (12.7x smaller" in md
+    assert md.count("_Machine: Test CPU, 2 cores") >= 5  # beside every table family
+    assert "| banking77 | 4000.0 | 1000.0 | 0.25 |" in md  # train wall and SLM360/DIET ratio
+
+
+def test_report_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for r in [_fake_result("snips", "diet", 0.97, 3000, 3.0, 1000, 40.0),
+              _fake_result("snips", "slm360", 0.98, 300, 2.0, 600, 4.0)]:
+        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
+    assert R.main(["--results-dir", str(runs)]) == 0
+    for name in ("accuracy", "latency", "train_time", "memory", "calibration"):
+        assert (runs / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "![Parse latency](plots/latency.png)" in (runs / "RESULTS.md").read_text()
+
+
+def test_report_without_results_folder_says_so(tmp_path, capsys):
+    assert R.main(["--results-dir", str(tmp_path / "none"), "--no-plots"]) == 2
+    assert "run benchmarks/compare.py first" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def _tiny_dataset(folder: Path) -> None:
+    def ex(text, intent, ents=()):
+        out = []
+        for value, label in ents:
+            s = text.index(value)
+            out.append({"start": s, "end": s + len(value), "entity": label, "value": value})
+        return {"text": text, "intent": intent, "entities": out}
+
+    train = ([ex(f"book a table for {n} people", "book", [(str(n), "people")]) for n in range(2, 9)]
+             + [ex(f"reserve (please) [a] table for {n}", "book", [(str(n), "people")]) for n in range(2, 5)]
+             + [ex(t, "hours") for t in ["when do you open", "what are your opening hours", "are you open on sunday",
+                                         "what time do you close", "how late are you open (today)", "[hours] please"]]
+             + [ex(t, "menu") for t in ["show me the menu", "what dishes do you serve", "do you have vegan food",
+                                        "can i see the menu please", "what is on the menu today", "which desserts"]])
+    test = [ex("book a table for 3 people", "book", [("3", "people")]), ex("table for 9 please", "book", [("9", "people")]),
+            ex("when do you close", "hours"), ex("show the menu (today)", "menu"), ex("what food do you have", "menu")]
+    folder.mkdir(parents=True)
+    for name, rows in [("train", train), ("test", test)]:
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
+    pytest.importorskip("rasa")
+    from slm360_rasa.nano.checkpoint import save_checkpoint
+    from slm360_rasa.nano.config import NanoConfig
+    from slm360_rasa.nano.model import init_params
+    from slm360_rasa.nano.tokenizer import NanoTokenizer
+
+    cfg = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
+    ckpt = save_checkpoint(tmp_path / "small.safetensors", init_params(cfg, seed=0), cfg, NanoTokenizer.load().sha256)
+    _tiny_dataset(tmp_path / "data" / "tiny")
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(BENCH / "compare.py"), "--quick", "--data-dir", str(tmp_path / "data"),
+           "--datasets", "tiny", "--systems", "slm360,diet", "--results-dir", str(results), "--work-dir", str(work),
+           "--slm360-set", f"checkpoint={ckpt}",
+           # The smallest DIET that still runs the whole path: on 2 busy cores TensorFlow's graph
+           # building dominates, and it shrinks with the model. The real runs use the default pipeline.
+           "--diet-set", "epochs=1", "--diet-set", "number_of_transformer_layers=0",
+           "--diet-set", "entity_recognition=false"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    for system in ("slm360", "diet"):
+        r = json.loads((results / f"tiny__{system}.json").read_text())
+        assert r["status"] == "ok" and r["quick"] is True and r["schema"] == C.SCHEMA
+        m = r["metrics"]
+        for key in ("accuracy", "macro_f1", "entity_micro_f1", "ece", "fallback_rate_in_scope", "accuracy_after_fallback",
+                    "parse_p50_ms", "parse_p99_ms", "train_wall_s", "train_peak_rss_mb", "serve_peak_rss_mb",
+                    "model_mb", "load_s"):
+            assert m[key] is not None, key
+        assert m["oos_recall"] is None and m["n_test"] == 5
+        assert 0 <= m["accuracy"] <= 1 and m["train_peak_rss_mb"] > 100 and m["model_mb"] > 0
+        assert len(r["per_message"]["latency_ms"]) == 5 and len(r["per_message"]["correct"]) == 5
+        assert r["machine"]["cpu"] and r["machine"]["rasa"] == "3.6.21"
+        assert r["data"]["n_train"] == 22 and r["data"]["n_entity_types"] == 1
+        assert Path(r["archive"]).is_file() and r["archive"].endswith(f"tiny__{system}.tar.gz")
+        assert "pipeline" in r["config"]["yaml"]
+    slm = json.loads((results / "tiny__slm360.json").read_text())
+    assert slm["config"]["overrides"][C.CLASSIFIER]["checkpoint"] == str(ckpt)
+    assert slm["config"]["overrides"][C.CLASSIFIER]["epochs"] == C.QUICK["slm360_epochs"]
+
+    # --resume (the default) skips finished pairs without starting Rasa.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    assert again.returncode == 0 and again.stderr.count("skipped") == 2
+
+    out = results / "RESULTS.md"
+    rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results-dir", str(results)],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    md = out.read_text()
+    assert "DIET" in md and "SLM360" in md and "QUICK MODE" in md
+    assert "| tiny |" in md and "| snips | not run | not run |" in md
+    assert (results / "plots" / "latency.png").is_file()
