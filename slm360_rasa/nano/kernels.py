@@ -321,6 +321,13 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
 
     qkv (N, C + 2 * KV * D): columns [q | k | v]; out (N, C). Query head h reads KV head
     h // (n_heads // n_kv_heads).
+
+    Each (sequence, head) job first copies its keys transposed (D, T) and its values (T, D)
+    into contiguous scratch: the score loop then runs over keys and the weighted sum over
+    head dimensions, both unit-stride loops with run-time trip counts, which LLVM
+    vectorizes (dot products over the 32 head dimensions would be unrolled and stay scalar).
+    Every score sums its dimensions in order 0..D-1, so results do not depend on the
+    batch a sequence is packed into.
     """
     B = starts.shape[0] - 1
     C = n_heads * head_dim
@@ -329,35 +336,42 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for job in prange(B * n_heads):
         b = job // n_heads
-        h = job % n_heads
+        h = job - b * n_heads
         s0 = starts[b]
         T = starts[b + 1] - s0
         qo = h * head_dim
         ko = C + (h // rep) * head_dim
         vo = C + kvd + (h // rep) * head_dim
+        kt = np.empty((head_dim, T), np.float32)
+        v = np.empty((T, head_dim), np.float32)
+        for j in range(T):
+            for d in range(head_dim):
+                kt[d, j] = qkv[s0 + j, ko + d]
+                v[j, d] = qkv[s0 + j, vo + d]
         p = np.empty(T, np.float32)
         acc = np.empty(head_dim, np.float32)
         for i in range(T):
-            mx = -np.inf
             for j in range(T):
-                s = np.float32(0.0)
-                for d in range(head_dim):
-                    s += qkv[s0 + i, qo + d] * qkv[s0 + j, ko + d]
-                s *= scale
-                p[j] = s
-                if s > mx:
-                    mx = s
+                p[j] = np.float32(0.0)
+            for d in range(head_dim):
+                qd = qkv[s0 + i, qo + d] * scale
+                for j in range(T):
+                    p[j] += qd * kt[d, j]
+            mx = p[0]
+            for j in range(1, T):
+                mx = max(mx, p[j])
             tot = np.float32(0.0)
             for j in range(T):
                 e = np.float32(math.exp(p[j] - mx))
                 p[j] = e
                 tot += e
             inv = np.float32(1.0) / tot
-            acc[:] = 0.0
+            for d in range(head_dim):
+                acc[d] = np.float32(0.0)
             for j in range(T):
                 pj = p[j] * inv
                 for d in range(head_dim):
-                    acc[d] += pj * qkv[s0 + j, vo + d]
+                    acc[d] += pj * v[j, d]
             for d in range(head_dim):
                 out[s0 + i, qo + d] = acc[d]
 
