@@ -57,8 +57,14 @@ def evaluate(model: Path, texts: list, warmup: list) -> dict:
 
     t0 = time.perf_counter()
     from rasa.core.agent import Agent
+    from rasa.utils.common import configure_logging_and_warnings
+    from rasa.utils.log_utils import configure_structlog
 
     import_s = time.perf_counter() - t0
+    # Logging as the `rasa` CLI sets it up (level from LOG_LEVEL, default INFO). Unconfigured,
+    # structlog prints a debug line per parse, and that I/O would be timed as parse latency.
+    configure_logging_and_warnings()
+    configure_structlog()
 
     t0 = time.perf_counter()
     agent = Agent.load(str(model))

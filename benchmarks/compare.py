@@ -424,8 +424,8 @@ def build_config(system: str, quick: bool, slm360_set: Dict, diet_set: Dict, fea
         raise CompareError(f"pipeline config missing: {path}")
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     per_component = {
-        CLASSIFIER: ({"epochs": QUICK["slm360_epochs"]} if quick else {}) | slm360_set,
-        DIET: ({"epochs": QUICK["diet_epochs"]} if quick else {}) | diet_set,
+        CLASSIFIER: {**({"epochs": QUICK["slm360_epochs"]} if quick else {}), **slm360_set},
+        DIET: {**({"epochs": QUICK["diet_epochs"]} if quick else {}), **diet_set},
         FEATURIZER: dict(featurizer_set),
     }
     # Both SLM360 components read the same pretrained encoder: a checkpoint given for the
@@ -507,8 +507,8 @@ def machine_description() -> dict:
     }
 
 
-def child_env(work: Path) -> dict:
-    """Environment of the Rasa subprocesses."""
+def child_env(work: Path, extra: Optional[Dict[str, str]] = None) -> dict:
+    """Environment of the Rasa subprocesses (`extra`: the user's --env settings, applied last)."""
     env = dict(os.environ)
     env["RASA_TELEMETRY_ENABLED"] = "false"
     # Rasa's training cache would let a re-run reuse trained components and report a
@@ -518,6 +518,7 @@ def child_env(work: Path) -> dict:
     env["PYTHONHASHSEED"] = "0"  # as the Makefile: the same hashing in every run
     # Benchmark the working tree's slm360_rasa even if another copy is installed.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
     return env
 
 
@@ -581,7 +582,8 @@ def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, time
             proc.wait()
             raise
         wall = time.perf_counter() - t0
-        rc = os.waitstatus_to_exitcode(status)
+        # os.waitstatus_to_exitcode needs Python 3.9; Rasa 3.6 also runs on 3.8.
+        rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         proc.returncode = rc  # reaped by wait4 above; tell Popen so it does not wait again
     ru_max_mb = ru.ru_maxrss / 1024  # KiB on Linux
     return {"cmd": [str(c) for c in cmd], "rc": rc, "timed_out": timed_out, "wall_s": round(wall, 3),
@@ -683,7 +685,7 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
     if work.exists():
         shutil.rmtree(work)  # a previous model or log must never be mistaken for this run's
     work.mkdir(parents=True)
-    env = child_env(work)
+    env = child_env(work, args.env)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
 
@@ -703,7 +705,7 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
                  "n_entity_types": len({lab for e in ds.train for _, _, lab in e.entities}),
                  "subsample": ds.subsample, "nlu_yaml": str(nlu)},
         "config": {"file": str((CONFIG_DIR / SYSTEMS[system]["config"]).relative_to(ROOT)), "overrides": applied,
-                   "yaml": config_text},
+                   "env": dict(args.env), "yaml": config_text},
         "machine": machine,
     }
 
@@ -808,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--diet-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a DIETClassifier key in the diet and featurizer_diet pipelines (repeatable; "
                          "passed to Rasa unchecked)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the training and serving subprocesses, e.g. "
+                         "NUMBA_NUM_THREADS=1 (repeatable; recorded in the result)")
     ap.add_argument("--results-dir", type=Path, default=None,
                     help=f"where the JSON results go (default: {RESULTS_DIR.relative_to(ROOT)}, "
                          f"or {QUICK_RESULTS_DIR.relative_to(ROOT)} with --quick)")
@@ -846,6 +851,13 @@ def _run(args) -> int:
         raise CompareError(f"--limit-test {args.limit_test}: must be >= 1")
     if not args.data_dir.is_dir():
         raise CompareError(f"--data-dir {args.data_dir}: not a folder; point it at the folder holding snips/, atis/, ...")
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise CompareError(f"--env {item!r}: expected NAME=VALUE, e.g. --env NUMBA_NUM_THREADS=1")
+        env[key] = value
+    args.env = env
     slm360_set = parse_sets(args.slm360_set, "--slm360-set")
     featurizer_set = parse_sets(args.featurizer_set, "--featurizer-set")
     diet_set = parse_sets(args.diet_set, "--diet-set")

@@ -269,6 +269,10 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
     if subset:
         L += ["> **Measured on a subset of the test split** (`compare.py --limit-test`): " + "; ".join(subset)
               + ". Re-run them without --limit-test for benchmark figures.", ""]
+    envs = sorted({f"{r['dataset']} x {r['system']}: " + ", ".join(f"{k}={v}" for k, v in r["config"]["env"].items())
+                   for r in results.values() if ((r.get("config") or {}).get("env"))})
+    if envs:
+        L += ["> Runs with environment overrides (`compare.py --env`): " + "; ".join(envs) + ".", ""]
     L += ["## Targets", "", mline, ""] + target_lines(results, datasets) + [""]
 
     L += ["## Quality", "", mline, "",
@@ -321,7 +325,7 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
         for title, path in plots.items():
             L.append(f"![{title}]({Path(_rel(path, out.parent)).as_posix()})")
         L.append("")
-    return "\n".join(L)
+    return "\n".join(L).rstrip("\n") + "\n"
 
 
 def _rel(path: Path, start: Path) -> str:

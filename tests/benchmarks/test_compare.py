@@ -308,6 +308,8 @@ def test_cli_names_bad_input(tmp_path):
     assert r.returncode == 2 and "--data-dir" in r.stderr
     r = run("--slm360-set", f"checkpoint={tmp_path / 'none.safetensors'}", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "none.safetensors" in r.stderr
+    r = run("--env", "NUMBA_NUM_THREADS", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--env 'NUMBA_NUM_THREADS': expected NAME=VALUE" in r.stderr
 
 
 def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok"):
@@ -439,3 +441,21 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
     assert "DIET" in md and "SLM360" in md and "QUICK MODE" in md
     assert "| tiny |" in md and "| snips | not run | not run |" in md
     assert (results / "plots" / "latency.png").is_file()
+
+
+@pytest.mark.slow
+def test_training_failure_is_saved_with_rc_and_log_tail(tmp_path):
+    pytest.importorskip("rasa")
+    import argparse
+
+    _tiny_dataset(tmp_path / "data" / "tiny")
+    ds = C.load_dataset(tmp_path / "data", "tiny")
+    cfg, applied = C.build_config("slm360", True, {}, {}, {})
+    cfg["pipeline"][1]["name"] = "NoSuchComponent"
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=300, eval_timeout=None, quick=True, env={})
+    out = tmp_path / "results" / "tiny__slm360.json"
+    r = C.run_pair(ds, "slm360", cfg, applied, args, {"cpu": "test"}, out)
+    saved = json.loads(out.read_text())
+    assert r["status"] == saved["status"] == "train_failed"
+    assert saved["train"]["rc"] == 1 and "NoSuchComponent" in saved["log_tail"]
+    assert "rc=1" in saved["error"] and "metrics" not in saved
