@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+import numba
 import numpy as np
 
 from . import kernels
@@ -50,13 +51,17 @@ class Encoder:
 
     def __init__(self, config: NanoConfig, tokenizer=None, precision: str = "int4",
                  params: Optional[Params] = None, q4_tensors: Optional[Dict[str, np.ndarray]] = None,
-                 batch_tokens: int = 4096, max_length: Optional[int] = None):
+                 batch_tokens: int = 4096, max_length: Optional[int] = None,
+                 parallel_min_tokens: int = 64):
         """Build from float parameters (`params`) or from stored INT4 tensors (`q4_tensors`).
 
         Prefer the constructors `random`, `from_checkpoint` and `pretrained`.
         With `precision="int4"` and float params, weights are quantized here and the error of
         each matrix is kept in `quant_errors`. With `q4_tensors`, precision "f32" runs the
         dequantized weights (useful to separate quantization error from kernel error).
+        Inputs of fewer than `parallel_min_tokens` tokens run on one thread: a single short
+        utterance gains little from two, and an OpenMP barrier waiting on a core that another
+        process holds can cost tens of milliseconds (results are identical either way).
         """
         self.config = config
         self.precision = _check_precision(precision)
@@ -73,6 +78,9 @@ class Encoder:
         if batch_tokens < self.max_length:
             raise ValueError(f"batch_tokens ({batch_tokens}) must be >= max_length ({self.max_length})")
         self.batch_tokens = int(batch_tokens)
+        if parallel_min_tokens < 0:
+            raise ValueError(f"parallel_min_tokens must be >= 0, got {parallel_min_tokens}")
+        self.parallel_min_tokens = int(parallel_min_tokens)
         self.quant_errors: Dict[str, QuantError] = {}
         if (params is None) == (q4_tensors is None):
             raise ValueError("pass exactly one of params (float weights) or q4_tensors (INT4 weights)")
@@ -278,6 +286,18 @@ class Encoder:
         positions = np.arange(N, dtype=np.int64) - np.repeat(starts[:-1], lengths)
         self._ensure_capacity(N, B)
         x, xn = self._x[:N], self._xn[:N]
+        serial = N < self.parallel_min_tokens
+        if serial:
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)  # thread-local in numba: other callers are unaffected
+        try:
+            self._run(ids, starts, positions, x, xn, N, B)
+        finally:
+            if serial:
+                numba.set_num_threads(threads)
+        return xn, self._pooled[:B]
+
+    def _run(self, ids, starts, positions, x, xn, N: int, B: int) -> None:
         cfg = self.config
         kernels.encoder_forward(
             ids, starts, positions, self._quantized, self.emb_f, self.emb_c, self.emb_s,
@@ -288,7 +308,6 @@ class Encoder:
             x, xn, self._qkv[:N], self._att[:N], self._proj[:N], self._h13[:N], self._gate[:N],
             self._pooled[:B],
         )
-        return xn, self._pooled[:B]
 
     def _chunks(self, lengths: np.ndarray):
         """Index groups, sorted by length, each holding at most batch_tokens tokens."""
