@@ -55,15 +55,15 @@ def load_utterances(path: Path, n: int, seed: int) -> list:
     return [lines[i] for i in idx]
 
 
-def build(precision: str, checkpoint: str):
+def build(precision: str, checkpoint: str, **kw):
     """An Encoder for `precision` from the checkpoint, or seeded random weights."""
     from slm360_rasa.nano import Encoder
 
     if checkpoint == "random":
-        return Encoder.random(seed=0, precision=precision)
+        return Encoder.random(seed=0, precision=precision, **kw)
     if checkpoint == "pretrained":
-        return Encoder.pretrained(precision=precision)
-    return Encoder.from_checkpoint(checkpoint, precision=precision)
+        return Encoder.pretrained(precision=precision, **kw)
+    return Encoder.from_checkpoint(checkpoint, precision=precision, **kw)
 
 
 def percentiles(ts) -> dict:
@@ -72,9 +72,10 @@ def percentiles(ts) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
-def bench_numba(precision: str, checkpoint: str, texts: list, batch_texts: list, warmup: int) -> dict:
+def bench_numba(precision: str, checkpoint: str, texts: list, batch_texts: list, warmup: int,
+                parallel_min_tokens: int = 64) -> dict:
     """Latency and throughput of one numba precision."""
-    enc = build(precision, checkpoint)
+    enc = build(precision, checkpoint, parallel_min_tokens=parallel_min_tokens)
     for t in texts[:warmup]:
         enc.encode([t])
     ts = []
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=20, help="untimed warm-up calls (default 20)")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the numpy reference")
     ap.add_argument("--skip-compile", action="store_true", help="do not measure first-call compile time")
+    ap.add_argument("--also-parallel", action="store_true",
+                    help="also time single utterances with both threads (parallel_min_tokens=0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_encoder.json"), help="JSON output path")
     args = ap.parse_args(argv)
@@ -191,6 +194,11 @@ def main(argv=None) -> int:
     f32 = bench_numba("f32", checkpoint, texts, batch_texts, args.warmup)
     q4 = bench_numba("int4", checkpoint, texts, batch_texts, args.warmup)
     systems = {"numba f32": f32, "numba int4": q4}
+    if args.also_parallel:
+        for prec in ("f32", "int4"):
+            r = bench_numba(prec, checkpoint, texts, batch_texts[:64], args.warmup, parallel_min_tokens=0)
+            systems[f"numba {prec} 2-thread"] = {"latency": r["latency"], "throughput_utt_s": float("nan"),
+                                                 "weight_bytes": r["weight_bytes"]}
     if not args.skip_reference:
         systems = {"numpy reference": bench_reference(f32["_enc"], texts[:200], batch_texts[:512], 5), **systems}
     cos = np.sum(f32["_emb"] * q4["_emb"], 1) / (
@@ -200,6 +208,8 @@ def main(argv=None) -> int:
         ref_n = len(systems["numpy reference"]["_emb"])
         res["reference_vs_f32_max_abs"] = float(np.abs(systems["numpy reference"]["_emb"] - f32["_emb"][:ref_n]).max())
     res["systems"] = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in systems.items()}
+    res["note"] = ("single-utterance rows use one thread (inputs under parallel_min_tokens=64 tokens); "
+                   "'2-thread' rows force both threads; throughput batches use both threads")
     res["ratios"] = {
         "int4_vs_f32_p50_speedup": f32["latency"]["p50_ms"] / q4["latency"]["p50_ms"],
         "int4_vs_f32_throughput": q4["throughput_utt_s"] / f32["throughput_utt_s"],

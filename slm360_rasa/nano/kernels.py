@@ -52,6 +52,7 @@ HALF_QK = QK // 2
 Q4_ZERO = 8.0
 ROW_TILE = 4  # f32: weight rows multiplied together (4 accumulators per token)
 TOKEN_CHUNK = 64  # tokens per f32 pass; keeps the x chunk in L1/L2
+SERIAL_ROWS = 128  # below this many tokens, element-wise kernels do not fork threads
 Q4_TILE = 32  # INT4: weight rows per tile = vector lanes (4 x 8 floats)
 Q4_KCHUNK = 128  # INT4: inputs dequantized at a time (multiple of QK); x Q4_TILE f32 = 16 KiB
 Q4_TOKEN_CHUNK = 256  # INT4: tokens per dequantization of a tile
@@ -285,34 +286,58 @@ def embed_q4(ids, codes, scales, out):
         dequant_row_q4(codes[ids[n]], scales[ids[n]], out[n])
 
 
+@njit(cache=True, fastmath=True)
+def _rmsnorm_row(x, w, eps, out, n):
+    C = x.shape[1]
+    ss = np.float32(0.0)
+    for c in range(C):
+        ss += x[n, c] * x[n, c]
+    r = np.float32(1.0 / math.sqrt(ss / C + eps))
+    for c in range(C):
+        out[n, c] = x[n, c] * r * w[c]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def rmsnorm(x, w, eps, out):
     """out[n] = x[n] / sqrt(mean(x[n]^2) + eps) * w."""
-    N, C = x.shape
-    for n in prange(N):
-        ss = np.float32(0.0)
-        for c in range(C):
-            ss += x[n, c] * x[n, c]
-        r = np.float32(1.0 / math.sqrt(ss / C + eps))
-        for c in range(C):
-            out[n, c] = x[n, c] * r * w[c]
+    for n in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, n)
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_serial(x, w, eps, out):
+    """`rmsnorm` on the calling thread (short inputs: a parallel region costs more than the work)."""
+    for n in range(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, n)
+
+
+@njit(cache=True, fastmath=True)
+def _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n):
+    half = head_dim // 2
+    p = positions[n]
+    for h in range(n_rot_heads):
+        o = h * head_dim
+        for i in range(half):
+            c = cos[p, i]
+            s = sin[p, i]
+            x0 = qkv[n, o + 2 * i]
+            x1 = qkv[n, o + 2 * i + 1]
+            qkv[n, o + 2 * i] = x0 * c - x1 * s
+            qkv[n, o + 2 * i + 1] = x0 * s + x1 * c
 
 
 @njit(parallel=True, cache=True, fastmath=True)
 def rope_inplace(qkv, positions, cos, sin, n_rot_heads, head_dim):
     """Rotate adjacent pairs of the first n_rot_heads heads of each row (q then k) by position."""
-    half = head_dim // 2
     for n in prange(qkv.shape[0]):
-        p = positions[n]
-        for h in range(n_rot_heads):
-            o = h * head_dim
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                x0 = qkv[n, o + 2 * i]
-                x1 = qkv[n, o + 2 * i + 1]
-                qkv[n, o + 2 * i] = x0 * c - x1 * s
-                qkv[n, o + 2 * i + 1] = x0 * s + x1 * c
+        _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n)
+
+
+@njit(cache=True, fastmath=True)
+def rope_serial(qkv, positions, cos, sin, n_rot_heads, head_dim):
+    """`rope_inplace` on the calling thread."""
+    for n in range(qkv.shape[0]):
+        _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -376,21 +401,46 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
                 out[s0 + i, qo + d] = acc[d]
 
 
+@njit(cache=True, fastmath=True)
+def _silu_row(h13, hidden_width, out, n):
+    for j in range(hidden_width):
+        a = h13[n, j]
+        out[n, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h13[n, hidden_width + j]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def silu_mul(h13, hidden_width, out):
     """out[n, j] = silu(h13[n, j]) * h13[n, hidden_width + j] (the SwiGLU gate)."""
     for n in prange(h13.shape[0]):
-        for j in range(hidden_width):
-            a = h13[n, j]
-            out[n, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h13[n, hidden_width + j]
+        _silu_row(h13, hidden_width, out, n)
+
+
+@njit(cache=True, fastmath=True)
+def silu_mul_serial(h13, hidden_width, out):
+    """`silu_mul` on the calling thread."""
+    for n in range(h13.shape[0]):
+        _silu_row(h13, hidden_width, out, n)
+
+
+@njit(cache=True, fastmath=True)
+def _add_norm_row(x, y, w, eps, out, n):
+    for c in range(x.shape[1]):
+        x[n, c] += y[n, c]
+    _rmsnorm_row(x, w, eps, out, n)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def add_inplace(x, y):
-    """x += y, row by row."""
+def add_norm(x, y, w, eps, out):
+    """x += y (the residual), then out = rmsnorm(x) * w, in one pass over each row."""
     for n in prange(x.shape[0]):
-        for c in range(x.shape[1]):
-            x[n, c] += y[n, c]
+        _add_norm_row(x, y, w, eps, out, n)
+
+
+@njit(cache=True, fastmath=True)
+def add_norm_serial(x, y, w, eps, out):
+    """`add_norm` on the calling thread."""
+    for n in range(x.shape[0]):
+        _add_norm_row(x, y, w, eps, out, n)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -435,21 +485,41 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
     pooled (B, C) are overwritten.
     """
     head_dim = x.shape[1] // n_heads
+    # Short inputs (one utterance) run the element-wise kernels on this thread: they take
+    # a few microseconds, less than a parallel region costs; only matmuls and attention fork.
+    serial = x.shape[0] < SERIAL_ROWS
     if quantized:
         embed_q4(ids, emb_c, emb_s, x)
     else:
         embed_f32(ids, emb_f, x)
-    for layer in range(attn_norm.shape[0]):
-        rmsnorm(x, attn_norm[layer], eps, xn)
+    n_layers = attn_norm.shape[0]
+    for layer in range(n_layers):
+        if layer == 0:
+            if serial:
+                rmsnorm_serial(x, attn_norm[0], eps, xn)
+            else:
+                rmsnorm(x, attn_norm[0], eps, xn)
         _linear(xn, quantized, wqkv_f, wqkv_c, wqkv_s, layer, qkv)
-        rope_inplace(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
+        if serial:
+            rope_serial(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
+        else:
+            rope_inplace(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
         attention(qkv, starts, n_heads, n_kv_heads, head_dim, att)
         _linear(att, quantized, wo_f, wo_c, wo_s, layer, proj)
-        add_inplace(x, proj)
-        rmsnorm(x, ffn_norm[layer], eps, xn)
+        if serial:
+            add_norm_serial(x, proj, ffn_norm[layer], eps, xn)
+        else:
+            add_norm(x, proj, ffn_norm[layer], eps, xn)
         _linear(xn, quantized, w13_f, w13_c, w13_s, layer, h13)
-        silu_mul(h13, hidden_width, gate)
+        if serial:
+            silu_mul_serial(h13, hidden_width, gate)
+        else:
+            silu_mul(h13, hidden_width, gate)
         _linear(gate, quantized, w2_f, w2_c, w2_s, layer, proj)
-        add_inplace(x, proj)
-    rmsnorm(x, final_norm, eps, xn)
+        # The residual add of this block fused with the next block's input norm.
+        w_next = attn_norm[layer + 1] if layer + 1 < n_layers else final_norm
+        if serial:
+            add_norm_serial(x, proj, w_next, eps, xn)
+        else:
+            add_norm(x, proj, w_next, eps, xn)
     mean_pool(xn, starts, pooled)
