@@ -53,3 +53,26 @@ def tiny_nlu(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "nlu.yml"
     path.write_text(NLU, encoding="utf-8")
     return path
+
+
+def write_config(tmp_path, checkpoint, **extra):
+    """config.yml with WhitespaceTokenizer -> SLM360Classifier (small checkpoint) -> EntitySynonymMapper."""
+    keys = {"epochs": 30, "learning_rate": 2e-3, "batch_size": 6, "checkpoint": str(checkpoint), **extra}
+    lines = "".join(f"    {k}: {v}\n" for k, v in keys.items())
+    text = ("recipe: default.v1\nlanguage: en\nassistant_id: slm360-test\npipeline:\n"
+            "  - name: WhitespaceTokenizer\n  - name: slm360_rasa.SLM360Classifier\n" + lines +
+            "  - name: EntitySynonymMapper\npolicies: []\n")
+    path = tmp_path / "config.yml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, small_checkpoint, tiny_nlu):
+    """A Rasa model archive trained with `rasa.model_training.train_nlu` (once per session)."""
+    from rasa.model_training import train_nlu
+
+    tmp = tmp_path_factory.mktemp("bot")
+    model = train_nlu(str(write_config(tmp, small_checkpoint)), str(tiny_nlu), str(tmp / "models"))
+    assert model, "training produced no model"
+    return model

@@ -10,25 +10,7 @@ pytest.importorskip("rasa")
 BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا", "Привет"]
 
 
-def _config(tmp_path, checkpoint, **extra):
-    keys = {"epochs": 30, "learning_rate": 2e-3, "batch_size": 6, "checkpoint": str(checkpoint), **extra}
-    lines = "".join(f"    {k}: {v}\n" for k, v in keys.items())
-    text = ("recipe: default.v1\nlanguage: en\nassistant_id: slm360-test\npipeline:\n"
-            "  - name: WhitespaceTokenizer\n  - name: slm360_rasa.SLM360Classifier\n" + lines +
-            "  - name: EntitySynonymMapper\npolicies: []\n")
-    path = tmp_path / "config.yml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_checkpoint, tiny_nlu):
-    from rasa.model_training import train_nlu
-
-    tmp = tmp_path_factory.mktemp("bot")
-    model = train_nlu(str(_config(tmp, small_checkpoint)), str(tiny_nlu), str(tmp / "models"))
-    assert model, "training produced no model"
-    return model
+from conftest import write_config as _config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
