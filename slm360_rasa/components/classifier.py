@@ -136,9 +136,15 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         intents = [m.get(INTENT) for m in examples]
         entities = [[e for e in (m.get(ENTITIES) or []) if "start" in e and "end" in e] for m in examples]
         cfg = self._finetune_config()
-        self._model = IntentEntityModel.from_pretrained(cfg, checkpoint=self.component_config["checkpoint"],
-                                                        precision=self.component_config["precision"],
-                                                        max_length=self.component_config["max_length"])
+        if self._execution_context.is_finetuning and self._model is not None:
+            # `rasa train --finetune`: continue from the previous model (its INT4 weights,
+            # dequantized, are the starting point) with the epochs Rasa scaled for us.
+            logger.info("SLM360Classifier: fine-tuning the previous model for %d epochs", cfg.epochs)
+            self._model.cfg = cfg
+        else:
+            self._model = IntentEntityModel.from_pretrained(cfg, checkpoint=self.component_config["checkpoint"],
+                                                            precision=self.component_config["precision"],
+                                                            max_length=self.component_config["max_length"])
         self._model.fit(texts, intents, entities, progress=True)
         self.persist()
         return self._resource

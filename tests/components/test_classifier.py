@@ -93,3 +93,16 @@ def test_invalid_config_names_the_key(tmp_path, small_checkpoint, tiny_nlu):
     with pytest.raises(Exception) as err:
         train_nlu(str(_config(tmp_path, small_checkpoint, precision="int3")), str(tiny_nlu), str(tmp_path / "m"))
     assert "precision" in "".join(str(e) for e in _chain(err.value))
+
+
+def test_rasa_finetune_continues_from_the_previous_model(tmp_path, trained, small_checkpoint, tiny_nlu):
+    from rasa.core.agent import Agent
+    from rasa.model_training import train_nlu
+
+    # Same config as the `trained` fixture: Rasa refuses to finetune across config changes.
+    cfg = _config(tmp_path, small_checkpoint)
+    model = train_nlu(str(cfg), str(tiny_nlu), str(tmp_path / "models"), model_to_finetune=trained,
+                      finetuning_epoch_fraction=0.2)
+    assert model and model != trained
+    out = _parse(Agent.load(model), "book a table for 4 people")
+    assert out["intent"]["name"] == "book_table"
