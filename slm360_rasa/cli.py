@@ -20,7 +20,7 @@ def _distill_config(args: argparse.Namespace):
 
     kw = {k: getattr(args, k) for k in ("corpus", "out_dir", "cache_dir", "seed", "epochs", "batch_size", "lr",
                                          "max_length", "warmup_steps", "n_heldout", "limit_lines", "eval_every",
-                                         "checkpoint_every", "mse_weight") if getattr(args, k, None) is not None}
+                                         "checkpoint_every", "mse_weight", "init_from") if getattr(args, k, None) is not None}
     return DistillConfig(**kw)
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-every", type=int)
         p.add_argument("--checkpoint-every", type=int)
         p.add_argument("--mse-weight", type=float)
+        p.add_argument("--init-from", help="warm start from this checkpoint (release or state file)")
 
     p = sub.add_parser("pretrain", help="distil all-MiniLM-L6-v2 into SLM360 Nano (resumable)")
     distill_args(p)

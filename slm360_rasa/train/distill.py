@@ -61,6 +61,7 @@ class DistillConfig:
     checkpoint_every: int = 200  # steps
     eval_every: int = 1000  # steps; 0 = only at the end
     teacher_batch_size: int = 128
+    init_from: str = ""  # start from this checkpoint's weights (a release or a run's state file)
     model: Dict = field(default_factory=lambda: NanoConfig().to_dict())
 
     def __post_init__(self) -> None:
@@ -179,7 +180,7 @@ class TrainState:
 
 
 def init_state(cfg: DistillConfig, total_steps: int) -> TrainState:
-    """Seeded student and projection; AdamW over both."""
+    """Seeded student and projection (or those of `cfg.init_from`); AdamW over both."""
     nano = cfg.nano
     params = M.init_params(nano, seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 99])
@@ -187,6 +188,16 @@ def init_state(cfg: DistillConfig, total_steps: int) -> TrainState:
     # starts the projection near unit norm, like the teacher's targets.
     params[PROJ_W] = (rng.standard_normal((TEACHER_DIM, nano.dim)) / nano.dim).astype(np.float32)
     params[PROJ_B] = np.zeros(TEACHER_DIM, np.float32)
+    if cfg.init_from:
+        # A warm start: a later run continues from earlier weights with a fresh schedule.
+        src = load_checkpoint(cfg.init_from)
+        if src.config != nano:
+            raise ValueError(f"--init-from {cfg.init_from}: its architecture {src.config} differs from {nano}")
+        for name in list(nano.param_shapes()) + [PROJ_W, PROJ_B]:
+            if name in src.tensors:
+                params[name] = np.ascontiguousarray(src.tensors[name], dtype=np.float32)
+            elif name in nano.param_shapes():
+                raise ValueError(f"--init-from {cfg.init_from}: float tensor {name!r} is missing")
     opt = AdamW(params, optim_config(cfg, total_steps))
     return TrainState(params=params, opt=opt)
 

@@ -109,3 +109,18 @@ def test_export_release_writes_master_and_int4(tmp_path):
     assert ck.tensors["tok_embeddings"].dtype == np.float16
     assert "layers.0.wq.q4" in ck.tensors and "distill.proj.weight" not in ck.tensors
     assert ck.extra["kind"] == "release" and "layers.0.w2" in ck.extra["quant_error"]
+
+
+def test_init_from_warm_starts_from_an_earlier_run(tmp_path):
+    teacher = BagOfWordsTeacher()
+    first = _cfg(tmp_path, out="first", epochs=1)
+    D.run(first, progress=False, teacher=teacher)
+    src = tmp_path / "first" / D.STATE_FILE
+    second = _cfg(tmp_path, out="second", epochs=1, init_from=str(src))
+    state = D.init_state(second, total_steps=10)
+    before = D.load_checkpoint(src).tensors
+    for name in ("layers.1.w2", "tok_embeddings", D.PROJ_W):
+        assert np.array_equal(state.params[name], before[name])
+    assert state.step == 0 and state.opt.step_count == 0
+    with pytest.raises(ValueError, match="architecture"):
+        D.init_state(_cfg(tmp_path, out="x", init_from=str(src), model={**SMALL.to_dict(), "n_layers": 3}), 10)
