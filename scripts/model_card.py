@@ -108,8 +108,12 @@ def main(argv=None) -> int:
         f"- Wall time: {wall / 3600:.2f} h of training on the 2-core CPU machine (numpy reference model), "
         "excluding the one-off teacher embedding pass.",
         f"- Final training loss {losses[-1]['loss']:.4f} (first logged {losses[0]['loss']:.4f})." if losses else "",
-        "- Reproduce: `slm360 pretrain --corpus ../shared/corpus/utterances.txt --out runs/pretrain` "
-        "with the settings above, then `slm360 export --out runs/pretrain slm360_rasa/nano/assets/slm360-nano.safetensors`.",
+        f"- Reproduce: `slm360 pretrain --corpus ../shared/corpus/utterances.txt --out runs/pretrain "
+        f"--epochs {cfg['epochs']:g} --batch-size {cfg['batch_size']} --lr {cfg['lr']:g} --warmup-steps {cfg['warmup_steps']} "
+        f"--max-length {cfg['max_length']} --seed {cfg['seed']}"
+        + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
+        + "`, then `slm360 export --out runs/pretrain slm360_rasa/nano/assets/slm360-nano.safetensors` "
+        "(bit-identical on the same machine: seeded data order, initialisation and optimizer).",
         "",
         "![loss curve](loss_curve.png)",
         "",
