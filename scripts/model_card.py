@@ -83,9 +83,19 @@ def main(argv=None) -> int:
     rel = D.load_checkpoint(ckpt)
     errors = rel.extra.get("quant_error", {})
     worst = max(errors.items(), key=lambda kv: kv[1]["rel_rmse"]) if errors else None
-    wall = wall_time_s(run / D.LOG_FILE)
     losses = [h for h in history if "loss" in h]
     ev = json.loads(Path(args.eval).read_text()) if Path(args.eval).is_file() else None
+    # A warm-started run continues an earlier one: describe every phase, oldest first.
+    phases = []
+    cur_cfg, cur_state, cur_run = cfg, state, run
+    while True:
+        phases.insert(0, (cur_cfg, cur_state.extra["step"], wall_time_s(cur_run / D.LOG_FILE)))
+        prev = cur_cfg.get("init_from")
+        if not prev or not Path(prev).is_file():
+            break
+        cur_state = D.load_checkpoint(prev)
+        cur_cfg = cur_state.extra["distill"]
+        cur_run = Path(prev).parent
 
     lines = [
         "# SLM360 Nano: pretrained checkpoint", "",
@@ -101,19 +111,24 @@ def main(argv=None) -> int:
         f"`(1 - cos) + {cfg['mse_weight']} * MSE`.",
         "",
         f"- Data: `{Path(cfg['corpus']).name}` ({cfg['corpus']}), {cfg['n_heldout']:,} lines held out for evaluation.",
-        f"- Steps: {state.extra['step']:,} ({cfg['epochs']} epochs of batches of {cfg['batch_size']}), "
-        f"max {cfg['max_length']} tokens per sentence, AdamW lr {cfg['lr']} (warmup {cfg['warmup_steps']} steps, "
-        f"cosine to {cfg['min_lr_ratio']} x), weight decay {cfg['weight_decay']}, clip {cfg['grad_clip']}, "
-        f"seed {cfg['seed']}.",
-        f"- Wall time: {wall / 3600:.2f} h of training on the 2-core CPU machine (numpy reference model), "
-        "excluding the one-off teacher embedding pass.",
+    ] + [
+        f"- Phase {i + 1}{' (warm start from phase ' + str(i) + ')' if i else ''}: {steps:,} steps "
+        f"({c['epochs']:g} epoch(s) of batches of {c['batch_size']}), max {c['max_length']} tokens per sentence, "
+        f"AdamW lr {c['lr']:g} (warmup {c['warmup_steps']} steps, cosine to {c['min_lr_ratio']} x), weight decay "
+        f"{c['weight_decay']}, clip {c['grad_clip']}, seed {c['seed']}; {w / 3600:.2f} h."
+        for i, (c, steps, w) in enumerate(phases)
+    ] + [
+        f"- Wall time: {sum(w for _, _, w in phases) / 3600:.2f} h of training in all on the 2-core CPU machine "
+        "(numpy reference model), excluding the one-off teacher embedding pass (about 45 min).",
         f"- Final training loss {losses[-1]['loss']:.4f} (first logged {losses[0]['loss']:.4f})." if losses else "",
-        f"- Reproduce: `slm360 pretrain --corpus ../shared/corpus/utterances.txt --out runs/pretrain "
-        f"--epochs {cfg['epochs']:g} --batch-size {cfg['batch_size']} --lr {cfg['lr']:g} --warmup-steps {cfg['warmup_steps']} "
-        f"--max-length {cfg['max_length']} --seed {cfg['seed']}"
-        + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
-        + "`, then `slm360 export --out runs/pretrain slm360_rasa/nano/assets/slm360-nano.safetensors` "
-        "(bit-identical on the same machine: seeded data order, initialisation and optimizer).",
+        "- Reproduce (bit-identical on the same machine: seeded data order, initialisation and optimizer): "
+        + "; ".join(
+            f"`slm360 pretrain --corpus ../shared/corpus/utterances.txt --out runs/phase{i + 1} --epochs {c['epochs']:g} "
+            f"--batch-size {c['batch_size']} --lr {c['lr']:g} --warmup-steps {c['warmup_steps']} "
+            f"--max-length {c['max_length']} --seed {c['seed']}"
+            + (f" --init-from runs/phase{i}/state.safetensors" if i else "") + "`"
+            for i, (c, _, _) in enumerate(phases))
+        + f"; then `slm360 export --out runs/phase{len(phases)} slm360_rasa/nano/assets/slm360-nano.safetensors`.",
         "",
         "![loss curve](loss_curve.png)",
         "",
