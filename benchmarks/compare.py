@@ -671,10 +671,23 @@ def summarize(ds: Dataset, raw: dict) -> Tuple[dict, dict, Optional[dict], list]
 # ---------------------------------------------------------------------------- one pair
 
 
+def _portable(value):
+    """The value with absolute paths inside the workspace (the repository and the ../shared
+    beside it) rewritten relative to the repository root, so committed results name no
+    directory of the machine that produced them. Resume matches on hashes, not paths."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(str(ROOT.parent) + os.sep):
+        return os.path.relpath(value, ROOT)
+    return value
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_portable(obj), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)  # atomic: a crash never leaves a half-written result that --resume trusts
 
 

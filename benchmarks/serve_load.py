@@ -137,7 +137,8 @@ def main(argv=None) -> int:
            "throughput_rps": float(len(all_ms) / wall) if wall else 0.0,
            "p50_ms": float(np.percentile(all_ms, 50)) if len(all_ms) else None,
            "p99_ms": float(np.percentile(all_ms, 99)) if len(all_ms) else None,
-           "cores": os.cpu_count(), "model": args.model or args.url}
+           "cores": os.cpu_count(),
+           "model": os.path.relpath(args.model, ROOT) if args.model else args.url}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

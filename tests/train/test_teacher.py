@@ -4,7 +4,7 @@ Reference values (REF_* below) were produced once, by an independent
 implementation, and pasted here:
 
 * Python 3.11.7 venv outside the repo:
-  ``/root/.pyenv/versions/3.11.7/bin/python -m venv /tmp/refvenv``
+  ``python3.11 -m venv /tmp/refvenv`` (pyenv's 3.11.7)
   ``/tmp/refvenv/bin/pip install torch==2.13.0`` (got 2.13.0+cpu, no CUDA
   packages), then ``/tmp/refvenv/bin/pip install sentence-transformers``
   (got sentence-transformers 6.2.0, transformers 5.23.0, tokenizers 0.23.3,
