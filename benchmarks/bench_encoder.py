@@ -92,12 +92,12 @@ def bench_numba(precision: str, checkpoint: str, texts: list, batch_texts: list,
             "throughput_tokens_s": n_tokens / dt, "weight_bytes": enc.weight_bytes, "_emb": emb, "_enc": enc}
 
 
-def bench_reference(enc, texts: list, batch_texts: list, warmup: int) -> dict:
-    """Latency and throughput of the numpy reference model on the same weights (f32)."""
+def bench_reference(enc, checkpoint: str, texts: list, batch_texts: list, warmup: int) -> dict:
+    """Latency and throughput of the numpy reference model on the weights the f32 `enc` runs."""
     from slm360_rasa.nano import model as M
 
     cfg = enc.config
-    params = reference_params(enc)
+    params = reference_params(checkpoint, cfg)
     tok = enc.tokenizer
 
     def run(batch):
@@ -117,20 +117,19 @@ def bench_reference(enc, texts: list, batch_texts: list, warmup: int) -> dict:
     return {"latency": percentiles(ts), "throughput_utt_s": len(batch_texts) / dt, "_emb": emb}
 
 
-def reference_params(enc) -> dict:
-    """Rebuild llama2.c-named float params from an f32 Encoder's stacked weights."""
-    cfg = enc.config
-    C, KV, H = cfg.dim, cfg.kv_dim, cfg.hidden_dim
-    p = {"tok_embeddings": enc.emb_f, "norm": enc.final_norm}
-    for i in range(cfg.n_layers):
-        q = f"layers.{i}."
-        p[q + "attention_norm"], p[q + "ffn_norm"] = enc.attn_norm[i], enc.ffn_norm[i]
-        p[q + "wq"], p[q + "wk"], p[q + "wv"] = enc.wqkv_f[i, :C], enc.wqkv_f[i, C:C + KV], enc.wqkv_f[i, C + KV:]
-        p[q + "wo"] = enc.wo_f[i]
-        Hw = enc.hidden_width
-        p[q + "w1"], p[q + "w3"] = enc.w13_f[i, :H], enc.w13_f[i, Hw:Hw + H]
-        p[q + "w2"] = enc.w2_f[i][:, :H]
-    return {k: np.ascontiguousarray(v) for k, v in p.items()}
+def reference_params(checkpoint: str, cfg) -> dict:
+    """The float weights `build(..., "f32")` serves: seeded init for 'random', else the checkpoint's."""
+    from slm360_rasa.nano.checkpoint import load_checkpoint
+    from slm360_rasa.nano.model import init_params
+    from slm360_rasa.nano.quant import float_params
+
+    if checkpoint == "random":
+        return init_params(cfg, seed=0)
+    if checkpoint == "pretrained":
+        from slm360_rasa.nano.assets import pretrained_checkpoint_path
+
+        checkpoint = str(pretrained_checkpoint_path())
+    return float_params(load_checkpoint(checkpoint).tensors, cfg)
 
 
 CHILD = r"""
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
             systems[f"numba {prec} 2-thread"] = {"latency": r["latency"], "throughput_utt_s": float("nan"),
                                                  "weight_bytes": r["weight_bytes"]}
     if not args.skip_reference:
-        systems = {"numpy reference": bench_reference(f32["_enc"], texts[:200], batch_texts[:512], 5), **systems}
+        systems = {"numpy reference": bench_reference(f32["_enc"], checkpoint, texts[:200], batch_texts[:512], 5), **systems}
     cos = np.sum(f32["_emb"] * q4["_emb"], 1) / (
         np.linalg.norm(f32["_emb"], axis=1) * np.linalg.norm(q4["_emb"], axis=1))
     res["int4_vs_f32_cosine"] = {"mean": float(cos.mean()), "min": float(cos.min())}

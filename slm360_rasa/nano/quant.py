@@ -179,6 +179,22 @@ def quantize_params(params: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray
     return out, errors
 
 
+def float_params(tensors: Dict[str, np.ndarray], config) -> Dict[str, np.ndarray]:
+    """Float32 weights named as in `config.param_shapes()`: a tensor stored in float is used as
+    it is, one stored as Q4 is dequantized. Errors name the tensor and the expected shape."""
+    out = {}
+    for name, shape in config.param_shapes().items():
+        if name in tensors:
+            out[name] = np.ascontiguousarray(tensors[name], np.float32)
+        elif len(shape) == 2:
+            out[name] = np.ascontiguousarray(dequantize_q4(q4_from_tensors(tensors, name, shape[1])), np.float32)
+        else:
+            raise ValueError(f"weights are missing tensor {name!r}")
+        if out[name].shape != shape:
+            raise ValueError(f"tensor {name!r} has shape {out[name].shape}, expected {shape}")
+    return out
+
+
 def q4_from_tensors(tensors: Dict[str, np.ndarray], name: str, in_features: int) -> Q4Tensor:
     """Rebuild a Q4Tensor for `name` from stored tensors, validating shapes and dtypes."""
     try:

@@ -23,7 +23,7 @@ import numpy as np
 from . import kernels
 from .config import NanoConfig
 from .model import Params, init_params, rope_cos_sin
-from .quant import CODES_SUFFIX, SCALE_SUFFIX, Q4Tensor, QuantError, padded_width, q4_from_tensors, quantize_q4
+from .quant import CODES_SUFFIX, Q4Tensor, QuantError, float_params, padded_width, q4_from_tensors, quantize_q4
 
 logger = logging.getLogger("slm360_rasa")
 
@@ -84,6 +84,8 @@ class Encoder:
         self.quant_errors: Dict[str, QuantError] = {}
         if (params is None) == (q4_tensors is None):
             raise ValueError("pass exactly one of params (float weights) or q4_tensors (INT4 weights)")
+        if q4_tensors is not None and precision == "f32":
+            params, q4_tensors = float_params(q4_tensors, config), None
         self._build(params, q4_tensors)
         self.cos, self.sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_theta, np.float32)
         self._lock = threading.Lock()
@@ -115,13 +117,11 @@ class Encoder:
         tokenizer = tokenizer or NanoTokenizer.load()
         ckpt = load_checkpoint(path, expected_tokenizer_sha256=tokenizer.sha256)
         has_q4 = any(name.endswith(CODES_SUFFIX) for name in ckpt.tensors)
-        has_master = "tok_embeddings" in ckpt.tensors
         # INT4 runs the stored codes when present (no re-quantization at load); f32 runs the
-        # master weights when present, else the dequantized INT4 weights.
-        if has_q4 and (precision == "int4" or not has_master):
+        # master weights, or the dequantized INT4 weights when a file holds only those.
+        if has_q4 and precision == "int4":
             return cls(ckpt.config, tokenizer=tokenizer, precision=precision, q4_tensors=ckpt.tensors, **kw)
-        params = {k: np.ascontiguousarray(ckpt.tensors[k], dtype=np.float32) for k in ckpt.config.param_shapes()
-                  if k in ckpt.tensors}
+        params = float_params(ckpt.tensors, ckpt.config)
         return cls(ckpt.config, tokenizer=tokenizer, precision=precision, params=params, **kw)
 
     @classmethod
@@ -139,10 +139,8 @@ class Encoder:
         quantized = self.precision == "int4"
         self._quantized = quantized
         # Q4 needs the hidden width padded to whole groups for w2's input; f32 does not.
-        Hw = padded_width(H) if (quantized or q4 is not None) else H
+        Hw = padded_width(H) if quantized else H
         self.hidden_width = Hw
-        empty2 = np.zeros((0, 0), np.float32)
-        empty3 = np.zeros((L, 0, 0), np.float32)
 
         stored: List[Q4Tensor] = []
 
@@ -165,16 +163,11 @@ class Encoder:
             out[: a.shape[0]] = a
             return out
 
-        def pad_cols(a: np.ndarray, cols: int) -> np.ndarray:
-            out = np.zeros(a.shape[:-1] + (cols,), a.dtype)
-            out[..., : a.shape[-1]] = a
-            return out
-
         self.attn_norm = np.stack([norm(f"layers.{i}.attention_norm") for i in range(L)])  # (L, C)
         self.ffn_norm = np.stack([norm(f"layers.{i}.ffn_norm") for i in range(L)])  # (L, C)
         self.final_norm = norm("norm")
 
-        if quantized or q4 is not None:
+        if quantized:
             emb = matrix_q4("tok_embeddings", C)
             qkv, wo, w13, w2 = [], [], [], []
             for i in range(L):
@@ -198,30 +191,13 @@ class Encoder:
 
             norm_bytes = 4 * (self.attn_norm.size + self.ffn_norm.size + self.final_norm.size)
             self.weight_bytes_stored = sum(t.nbytes for t in stored) + norm_bytes
-            if quantized:
-                self.emb_c, self.emb_s = emb.codes, emb.scales.astype(np.float32)
-                self.wqkv_c, self.wqkv_s = stack(qkv)
-                self.wo_c, self.wo_s = stack([[t] for t in wo])
-                self.w13_c, self.w13_s = stack(w13)
-                self.w2_c, self.w2_s = stack([[t] for t in w2])
-                self.emb_f = empty2
-                self.wqkv_f = self.wo_f = self.w13_f = self.w2_f = empty3
-            else:
-                # f32 from stored INT4: run the dequantized weights through the f32 kernels.
-                from .quant import dequantize_q4
-
-                def deq(groups, width=None):
-                    mats = []
-                    for g in groups:
-                        m = np.concatenate([dequantize_q4(t) for t in g])
-                        mats.append(pad_cols(m, width) if width else m)
-                    return np.ascontiguousarray(np.stack(mats), np.float32)
-
-                self.emb_f = np.ascontiguousarray(dequantize_q4(emb), np.float32)
-                self.wqkv_f, self.wo_f = deq(qkv), deq([[t] for t in wo])
-                self.w13_f, self.w2_f = deq(w13), deq([[t] for t in w2], Hw)
-            if not quantized:
-                self._set_empty_q4(L)
+            self.emb_c, self.emb_s = emb.codes, emb.scales.astype(np.float32)
+            self.wqkv_c, self.wqkv_s = stack(qkv)
+            self.wo_c, self.wo_s = stack([[t] for t in wo])
+            self.w13_c, self.w13_s = stack(w13)
+            self.w2_c, self.w2_s = stack([[t] for t in w2])
+            self.emb_f = np.zeros((0, 0), np.float32)
+            self.wqkv_f = self.wo_f = self.w13_f = self.w2_f = np.zeros((L, 0, 0), np.float32)
             return
 
         f32 = lambda name: np.ascontiguousarray(params[name], dtype=np.float32)  # noqa: E731

@@ -22,7 +22,7 @@ import numpy as np
 from ..nano import model as M
 from ..nano.checkpoint import load_checkpoint, save_checkpoint
 from ..nano.config import NanoConfig
-from ..nano.quant import dequantize_q4, q4_from_tensors, quantize_params
+from ..nano.quant import float_params, quantize_params
 from . import heads as Hd
 from .data import epoch_batches, pad
 from .optim import AdamW, OptimConfig
@@ -119,7 +119,7 @@ class IntentEntityModel:
         tok = NanoTokenizer.load()
         path = Path(checkpoint) if checkpoint else pretrained_checkpoint_path()
         ckpt = load_checkpoint(path, expected_tokenizer_sha256=tok.sha256)
-        params = master_params(ckpt.tensors, ckpt.config)
+        params = float_params(ckpt.tensors, ckpt.config)
         return cls(ckpt.config, params, cfg, tokenizer=tok, precision=precision, max_length=max_length)
 
     # ------------------------------------------------------------------ training
@@ -280,7 +280,7 @@ class IntentEntityModel:
             raise ValueError(f"{path}: not an SLM360 intent/entity model (kind={ckpt.extra.get('kind')!r})")
         if ckpt.extra.get("version") != MODEL_VERSION:
             raise ValueError(f"{path}: model version {ckpt.extra.get('version')!r}, this code reads {MODEL_VERSION}")
-        params = master_params(ckpt.tensors, ckpt.config)
+        params = float_params(ckpt.tensors, ckpt.config)
         head_params = {k: v for k, v in ckpt.tensors.items() if k.startswith("head.")}
         m = cls(ckpt.config, params, FinetuneConfig.from_dict(ckpt.extra["finetune"]), ckpt.extra["intents"],
                 ckpt.extra["entity_types"], tokenizer=tok, head_params=head_params,
@@ -294,20 +294,6 @@ class IntentEntityModel:
             m.encoder = Encoder(ckpt.config, tokenizer=tok, precision="int4", q4_tensors=ckpt.tensors,
                                 max_length=m.max_length)
         return m
-
-
-def master_params(tensors: Dict[str, np.ndarray], nano: NanoConfig) -> Dict[str, np.ndarray]:
-    """Float32 master weights from a checkpoint: its float tensors, else dequantized INT4."""
-    out = {}
-    for name, shape in nano.param_shapes().items():
-        if name in tensors:
-            out[name] = np.ascontiguousarray(tensors[name], np.float32)
-        else:
-            t = q4_from_tensors(tensors, name, shape[1])
-            out[name] = np.ascontiguousarray(dequantize_q4(t), np.float32)
-        if out[name].shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {out[name].shape}, expected {shape}")
-    return out
 
 
 def _tqdm(it, **kw):

@@ -111,6 +111,14 @@ def test_checkpoint_round_trip_float_and_int4(tmp_path, tok, params, encoders):
     enc = Encoder.from_checkpoint(qpath, precision="int4", tokenizer=tok)
     np.testing.assert_array_equal(enc.encode(UTTERANCES), encoders["int4"].encode(UTTERANCES))
     assert enc.weight_bytes == encoders["int4"].weight_bytes
+    # The same file served in f32 runs its dequantized weights: parity with the reference on them.
+    from slm360_rasa.nano.quant import float_params
+
+    deq = float_params(q4, SMALL)
+    b = tok.encode_batch(UTTERANCES, max_length=SMALL.max_seq_len)
+    _, ref = M.encode(deq, b.ids.astype(np.int64), b.mask, SMALL)
+    got = Encoder.from_checkpoint(qpath, precision="f32", tokenizer=tok).encode(UTTERANCES)
+    assert np.abs(got - ref).max() <= 1e-4
 
 
 def test_corrupt_checkpoint_fails_with_the_file_name(tmp_path, tok):
