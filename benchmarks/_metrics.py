@@ -171,3 +171,48 @@ def finite_or_none(x: Optional[float], ndigits: int = 6) -> Optional[float]:
 def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"inputs differ in length: {len(a)} vs {len(b)}")
+
+
+def fallback_outcome(in_conf: Sequence[float], in_correct: Sequence[bool], oos_conf: Sequence[float],
+                     threshold: float) -> Dict[str, float]:
+    """What FallbackClassifier with `threshold` (ambiguity check off) would give.
+
+    Its rule is `confidence < threshold -> nlu_fallback` on the classifier's top intent, so
+    from the recorded top non-fallback confidences: in-scope accuracy (a fallback counts as
+    wrong), the in-scope fallback rate and the out-of-scope recall (share that falls back).
+    """
+    _same_length(in_conf, in_correct)
+    ic = np.asarray(in_conf, dtype=np.float64)
+    ok = np.asarray(in_correct, dtype=bool)
+    oc = np.asarray(oos_conf, dtype=np.float64)
+    keep = ic >= threshold
+    return {"threshold": float(threshold),
+            "accuracy": float((ok & keep).mean()) if len(ic) else float("nan"),
+            "fallback_rate_in_scope": float((~keep).mean()) if len(ic) else float("nan"),
+            "oos_recall": float((oc < threshold).mean()) if len(oc) else float("nan")}
+
+
+def choose_fallback_threshold(in_conf: Sequence[float], in_correct: Sequence[bool], oos_conf: Sequence[float],
+                              max_accuracy_drop: float = 0.01) -> Dict[str, float]:
+    """The FallbackClassifier threshold with the highest out-of-scope recall whose in-scope
+    accuracy is at most `max_accuracy_drop` below the accuracy without fallback.
+
+    Meant for validation splits (valid + oos_valid); apply the result to test with
+    `fallback_outcome`. Candidates are 0 and the midpoints between distinct recorded
+    confidences (every threshold between two neighbours gives the same outcome, and a
+    midpoint does not sit on a rounded confidence). Ties go to the lowest threshold.
+    """
+    _same_length(in_conf, in_correct)
+    if not len(in_conf) or not len(oos_conf):
+        raise ValueError("need in-scope and out-of-scope validation messages to choose a threshold")
+    values = np.unique(np.concatenate([np.asarray(in_conf, np.float64), np.asarray(oos_conf, np.float64)]))
+    candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+    base = fallback_outcome(in_conf, in_correct, oos_conf, 0.0)["accuracy"]
+    best = None
+    for t in candidates:
+        out = fallback_outcome(in_conf, in_correct, oos_conf, float(t))
+        if out["accuracy"] >= base - max_accuracy_drop - 1e-12 and (best is None or out["oos_recall"] > best["oos_recall"]):
+            best = out
+    best["accuracy_without_fallback"] = base
+    best["max_accuracy_drop"] = max_accuracy_drop
+    return best

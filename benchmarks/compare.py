@@ -8,7 +8,9 @@ For each dataset x system, one pair at a time:
   2. `python -m rasa train nlu --config ... --nlu ... --out ... --fixed-model-name ...` in a
      subprocess: wall time, CPU time and peak RSS of the training process tree;
   3. in a fresh subprocess (benchmarks/_rasa_eval.py): `Agent.load`, 10 warm-up parses, then
-     one timed `await agent.parse_message(text)` per test text (and per out-of-scope text);
+     one timed `await agent.parse_message(text)` per test text (then per out-of-scope test
+     text, and per valid / oos_valid text where the dataset has them: thresholds such as the
+     out-of-scope fallback's are chosen on those, never on test);
   4. metrics (benchmarks/_metrics.py) and one JSON per pair under
      benchmarks/results/runs/<dataset>__<system>.json, written as soon as the pair finishes.
 
@@ -150,6 +152,10 @@ class Dataset:
     files: Dict[str, str]  # split -> file path
     sha256: Dict[str, str]  # split -> sha256 of the file
     subsample: Optional[dict] = None
+    # Validation splits (valid.jsonl, oos_valid.jsonl), parsed by the same served model so
+    # that thresholds (out-of-scope fallback) are chosen on them, never on the test split.
+    valid: Optional[List[Example]] = None
+    oos_valid: Optional[List[Example]] = None
 
 
 def _sha256(path: Path) -> str:
@@ -161,15 +167,17 @@ def _sha256(path: Path) -> str:
 
 
 def load_dataset(data_dir: Path, name: str) -> Dataset:
-    """Load train.jsonl, test.jsonl and (if present) oos_test.jsonl of `data_dir/name`."""
+    """Load train.jsonl, test.jsonl and, if present, oos_test.jsonl, valid.jsonl and
+    oos_valid.jsonl of `data_dir/name`."""
     folder = data_dir / name
     if not folder.is_dir():
         have = sorted(p.name for p in data_dir.iterdir() if p.is_dir()) if data_dir.is_dir() else []
         raise CompareError(f"dataset '{name}' not found: no folder {folder} (folders there: {have or 'none'}); "
                            "pass --data-dir or --datasets")
     files = {"train": folder / "train.jsonl", "test": folder / "test.jsonl"}
-    if (folder / "oos_test.jsonl").is_file():
-        files["oos_test"] = folder / "oos_test.jsonl"
+    for split in ("oos_test", "valid", "oos_valid"):
+        if (folder / f"{split}.jsonl").is_file():
+            files[split] = folder / f"{split}.jsonl"
     for split, p in files.items():
         if not p.is_file():
             raise CompareError(f"dataset '{name}': {p.name} missing in {folder}; every dataset needs train.jsonl and test.jsonl")
@@ -177,7 +185,9 @@ def load_dataset(data_dir: Path, name: str) -> Dataset:
     # out-of-scope class is left to FallbackClassifier, as in the DIET baseline).
     return Dataset(name=name, folder=folder, train=load_jsonl(files["train"]), test=load_jsonl(files["test"]),
                    oos=load_jsonl(files["oos_test"]) if "oos_test" in files else None,
-                   files={k: str(v) for k, v in files.items()}, sha256={k: _sha256(v) for k, v in files.items()})
+                   files={k: str(v) for k, v in files.items()}, sha256={k: _sha256(v) for k, v in files.items()},
+                   valid=load_jsonl(files["valid"]) if "valid" in files else None,
+                   oos_valid=load_jsonl(files["oos_valid"]) if "oos_valid" in files else None)
 
 
 def quick_subsample(ds: Dataset, seed: int = SEED, n_intents: int = QUICK["n_intents"],
@@ -194,25 +204,34 @@ def quick_subsample(ds: Dataset, seed: int = SEED, n_intents: int = QUICK["n_int
         train += sorted(rng.sample(idx, min(per_intent, len(idx))))
     test_idx = [i for i, e in enumerate(ds.test) if e.intent in chosen]
     test_idx = sorted(rng.sample(test_idx, min(n_test, len(test_idx))))
-    oos = None
-    if ds.oos is not None:
-        oos = [ds.oos[i] for i in sorted(rng.sample(range(len(ds.oos)), min(n_oos, len(ds.oos))))]
+
+    def sample(xs, n, in_scope):
+        if xs is None:
+            return None
+        idx = [i for i, e in enumerate(xs) if not in_scope or e.intent in chosen]
+        return [xs[i] for i in sorted(rng.sample(idx, min(n, len(idx))))]
+
+    oos = sample(ds.oos, n_oos, False)
+    valid, oos_valid = sample(ds.valid, n_test, True), sample(ds.oos_valid, n_oos, False)
     return Dataset(ds.name, ds.folder, [ds.train[i] for i in sorted(train)], [ds.test[i] for i in test_idx], oos,
                    ds.files, ds.sha256,
                    subsample={"seed": seed, "n_intents": n_intents, "per_intent": per_intent, "n_test": n_test,
-                              "n_oos": n_oos, "intents": sorted(chosen)})
+                              "n_oos": n_oos, "intents": sorted(chosen)},
+                   valid=valid, oos_valid=oos_valid)
 
 
 def limit_test(ds: Dataset, n: int, seed: int = SEED) -> Dataset:
-    """Keep a seeded random `n` of the test (and out-of-scope) messages, in file order."""
+    """Keep a seeded random `n` of the test, validation and out-of-scope messages, in file order."""
     rng = random.Random(seed + 1)
 
     def pick(xs):
+        if xs is None:
+            return None
         return [xs[i] for i in sorted(rng.sample(range(len(xs)), min(n, len(xs))))]
 
     sub = dict(ds.subsample or {}, limit_test=n)
-    return Dataset(ds.name, ds.folder, ds.train, pick(ds.test), pick(ds.oos) if ds.oos is not None else None,
-                   ds.files, ds.sha256, subsample=sub)
+    return Dataset(ds.name, ds.folder, ds.train, pick(ds.test), pick(ds.oos), ds.files, ds.sha256, subsample=sub,
+                   valid=pick(ds.valid), oos_valid=pick(ds.oos_valid))
 
 
 # ---------------------------------------------------------------------------- Rasa NLU YAML
@@ -604,15 +623,50 @@ def log_tail(path: Path, n: int = LOG_TAIL_CHARS) -> str:
 # ---------------------------------------------------------------------------- metrics
 
 
+def eval_splits(ds: Dataset) -> List[List[Example]]:
+    """The message lists parsed by the evaluation process, in order: test, oos_test, valid,
+    oos_valid (an absent split is an empty list, so positions in the raw results are fixed)."""
+    return [ds.test, ds.oos or [], ds.valid or [], ds.oos_valid or []]
+
+
+def _split_results(ds: Dataset, raw: dict) -> List[list]:
+    out, pos = [], 0
+    for split in eval_splits(ds):
+        out.append(raw["results"][pos:pos + len(split)])
+        pos += len(split)
+    return out
+
+
+def _top(r: dict) -> Tuple[Optional[str], float]:
+    return M.top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
+                               "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})
+
+
+def summarize_valid(ds: Dataset, raw: dict) -> dict:
+    """Per-message records of the validation splits: gold, top non-fallback intent and its
+    confidence (in-scope `valid`), confidence (`oos_valid`). Empty dict when there are none."""
+    _, _, valid_results, oos_valid_results = _split_results(ds, raw)
+    out = {}
+    if ds.valid:
+        top = [_top(r) for r in valid_results]
+        out["valid_per_message"] = {
+            "n": len(top), "gold": [e.intent for e in ds.valid], "pred": [t[0] for t in top],
+            "confidence": [round(t[1], 4) for t in top],
+            "accuracy": M.finite_or_none(M.accuracy([e.intent for e in ds.valid], [t[0] for t in top]))}
+    if ds.oos_valid:
+        out["oos_valid_per_message"] = {"n": len(oos_valid_results),
+                                        "confidence": [round(_top(r)[1], 4) for r in oos_valid_results]}
+    return out
+
+
 def summarize(ds: Dataset, raw: dict) -> Tuple[dict, dict, Optional[dict], list]:
     """Metrics, compact per-message records, OOS records and reliability bins from raw parses."""
     n = len(ds.test)
-    results, oos_results = raw["results"][:n], raw["results"][n:]
+    results, oos_results, _, _ = _split_results(ds, raw)
     gold = [e.intent for e in ds.test]
     pred, conf = [], []
     for r in results:
-        name, c = M.top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
-                                      "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})
+        name, c = _top(r)
         pred.append(name)
         conf.append(c)
     # Rounded as stored in per_message, so ECE recomputed from the JSON is exactly this one.
@@ -741,13 +795,14 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
     result["model_mb"] = round(archive.stat().st_size / 2**20, 3)  # MiB, like every RSS figure here
     result["archive"] = str(archive)
     _say(f"{name}: trained in {train['wall_s']:.1f} s, peak RSS {train['peak_rss_mb']:.0f} MB, "
-         f"archive {result['model_mb']:.2f} MB; evaluating {len(ds.test)} + {len(ds.oos or [])} messages ...")
+         f"archive {result['model_mb']:.2f} MB; evaluating "
+         f"{' + '.join(str(len(x)) for x in eval_splits(ds))} messages (test, oos_test, valid, oos_valid) ...")
 
     # Warm-up texts come from the training data, so no test message is ever parsed twice.
     rng = random.Random(SEED + 2)
     warm = [ds.train[i].text for i in rng.sample(range(len(ds.train)), min(WARMUP_MESSAGES, len(ds.train)))]
     warm = (warm * WARMUP_MESSAGES)[:WARMUP_MESSAGES]
-    texts = [e.text for e in ds.test] + [e.text for e in (ds.oos or [])]
+    texts = [e.text for split in eval_splits(ds) for e in split]
     texts_path = work / "eval_texts.json"
     texts_path.write_text(json.dumps({"texts": texts, "warmup": warm}, ensure_ascii=False), encoding="utf-8")
     raw_path = work / "eval_raw.json"
@@ -763,6 +818,7 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
     if len(raw["results"]) != len(texts):
         raise CompareError(f"{raw_path}: {len(raw['results'])} results for {len(texts)} texts")
     metrics, per_message, oos, reliability = summarize(ds, raw)
+    valid_records = summarize_valid(ds, raw)
     metrics.update({
         "train_wall_s": train["wall_s"], "train_cpu_s": train["cpu_s"], "train_peak_rss_mb": train["peak_rss_mb"],
         "model_mb": result["model_mb"], "load_s": raw["load_s"], "serve_peak_rss_mb": raw["serve_peak_rss_mb"],
@@ -771,7 +827,7 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
                   eval={k: raw[k] for k in ("import_s", "load_s", "warmup_n", "parse_wall_s", "rss_after_load_mb",
                                             "rss_after_parse_mb", "serve_peak_rss_mb")},
                   eval_process={k: ev[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "rc")},
-                  per_message=per_message, oos_per_message=oos, reliability=reliability)
+                  per_message=per_message, oos_per_message=oos, reliability=reliability, **valid_records)
     return _finish(result, out_path, load_start)
 
 

@@ -243,6 +243,43 @@ def _has_oos(d: str, results: Results) -> bool:
     return d == "clinc150"
 
 
+OOS_MAX_ACCURACY_DROP = 0.01  # issue #6: in-scope accuracy at most 1 point below the no-fallback one
+
+
+def oos_at_valid_threshold(r: dict, max_drop: float = OOS_MAX_ACCURACY_DROP) -> Optional[dict]:
+    """FallbackClassifier threshold chosen on valid + oos_valid (highest out-of-scope recall
+    within `max_drop` of the no-fallback accuracy), then applied to test + oos_test.
+    None when the run recorded no validation or out-of-scope messages."""
+    v, ov = r.get("valid_per_message"), r.get("oos_valid_per_message")
+    pm, opm = r.get("per_message"), r.get("oos_per_message")
+    if not (_ok(r) and v and ov and pm and opm):
+        return None
+    chosen = M.choose_fallback_threshold(v["confidence"], [p == g for p, g in zip(v["pred"], v["gold"])],
+                                         ov["confidence"], max_drop)
+    test = M.fallback_outcome(pm["confidence"], M.str_to_bits(pm["correct"]), opm["confidence"], chosen["threshold"])
+    return {"threshold": chosen["threshold"], "valid": chosen, "test": test,
+            "test_accuracy_without_fallback": sum(M.str_to_bits(pm["correct"])) / len(pm["correct"])}
+
+
+def oos_threshold_table(results: Results, datasets: List[str], systems: List[str]) -> List[str]:
+    """One row per dataset x system with validation splits: the chosen threshold and its test outcome."""
+    rows = []
+    for d in datasets:
+        for s in systems:
+            r = results.get((d, s))
+            o = oos_at_valid_threshold(r) if r else None
+            if o is None:
+                continue
+            rows.append([d, LABELS.get(s, s), f"{o['threshold']:.4f}", f"{o['test']['oos_recall']:.4f}",
+                         f"{o['test']['accuracy']:.4f}", f"{o['test_accuracy_without_fallback']:.4f}",
+                         f"{o['test']['fallback_rate_in_scope']:.4f}"])
+    if not rows:
+        return ["No run recorded validation and out-of-scope messages yet (compare.py records them for "
+                "datasets with valid.jsonl and oos_valid.jsonl)."]
+    return _table(["dataset", "system", "threshold (valid)", "OOS recall (test)", "in-scope acc. with fallback",
+                   "in-scope acc. without", "in-scope fallback rate"], rows)
+
+
 def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[str, Path]) -> str:
     """The whole RESULTS.md text."""
     datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
@@ -287,6 +324,12 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
           "Share of out-of-scope test messages (`oos_test.jsonl`) whose top intent is `nlu_fallback` at the "
           "pipeline's FallbackClassifier threshold (0.3); in-scope accuracy after fallback counts a fallback as wrong.", ""]
     L += quality_table(results, datasets, systems, "oos_recall", ".4f", applies=_has_oos) + [""]
+    L += ["Out-of-scope recall at a threshold chosen on the validation splits (same procedure for every system): "
+          "the FallbackClassifier threshold (rule `confidence < threshold -> nlu_fallback`, ambiguity check off) "
+          "with the highest recall on `oos_valid.jsonl` whose accuracy on `valid.jsonl` (a fallback counts as "
+          f"wrong) stays within {OOS_MAX_ACCURACY_DROP * 100:.0f} point of the accuracy without fallback; "
+          "then applied to the test messages.", ""]
+    L += oos_threshold_table(results, datasets, systems) + [""]
     L += ["In-scope accuracy after fallback:", ""]
     L += quality_table(results, datasets, systems, "accuracy_after_fallback", ".4f") + [""]
     L += ["Fallback rate on in-scope test messages:", ""]

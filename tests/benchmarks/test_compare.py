@@ -272,6 +272,45 @@ def test_summarize_counts_fallback_as_the_baselines_do():
     assert sum(b["n"] for b in rel) == 4
 
 
+def test_validation_splits_are_parsed_after_test_and_recorded():
+    test = [C.Example("a", "book"), C.Example("b", "menu")]
+    oos = [C.Example("o", "oos")]
+    valid = [C.Example("v1", "book"), C.Example("v2", "menu"), C.Example("v3", "menu")]
+    oos_valid = [C.Example("ov1", "oos"), C.Example("ov2", "oos")]
+    ds = C.Dataset("d", Path("."), test, test, oos, {}, {}, valid=valid, oos_valid=oos_valid)
+    assert [len(x) for x in C.eval_splits(ds)] == [2, 1, 3, 2]
+    fb = "nlu_fallback"
+    raw = {"results": [_raw("book", 0.9, [["book", 0.9]]), _raw("menu", 0.8, [["menu", 0.8]]),
+                       _raw(fb, 0.3, [[fb, 0.3], ["book", 0.2]]),
+                       _raw("book", 0.7, [["book", 0.7]]), _raw("book", 0.6, [["book", 0.6]]),
+                       _raw(fb, 0.3, [[fb, 0.3], ["menu", 0.25]]),
+                       _raw("menu", 0.5, [["menu", 0.5]]), _raw(fb, 0.3, [[fb, 0.3], ["book", 0.1]])]}
+    m, _, oos_pm, _ = C.summarize(ds, raw)
+    assert m["accuracy"] == 1.0 and m["oos_recall"] == 1.0 and len(oos_pm["confidence"]) == 1
+    v = C.summarize_valid(ds, raw)
+    assert v["valid_per_message"]["pred"] == ["book", "book", "menu"]
+    assert v["valid_per_message"]["confidence"] == [0.7, 0.6, 0.25]
+    assert v["valid_per_message"]["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+    assert v["oos_valid_per_message"]["confidence"] == [0.5, 0.1]
+    assert C.summarize_valid(C.Dataset("d", Path("."), test, test, None, {}, {}), {"results": raw["results"][:2]}) == {}
+
+
+def test_fallback_threshold_is_the_highest_recall_within_the_accuracy_budget():
+    # In-scope: 10 messages, 9 right; the wrong one has the lowest confidence.
+    conf = [0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
+    correct = [False] + [True] * 9
+    oos = [0.1, 0.3, 0.45, 0.55, 0.65]
+    # Dropping the wrong message costs nothing; one right one costs 0.1 > 0.01 budget.
+    best = M.choose_fallback_threshold(conf, correct, oos, max_accuracy_drop=0.01)
+    assert 0.3 < best["threshold"] <= 0.4 and best["accuracy"] == 0.9 and best["oos_recall"] == 0.4
+    loose = M.choose_fallback_threshold(conf, correct, oos, max_accuracy_drop=0.1)
+    assert 0.45 < loose["threshold"] <= 0.5 and loose["accuracy"] == pytest.approx(0.8) and loose["oos_recall"] == 0.6
+    applied = M.fallback_outcome(conf, correct, oos, best["threshold"])
+    assert applied["oos_recall"] == best["oos_recall"] and applied["fallback_rate_in_scope"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="out-of-scope"):
+        M.choose_fallback_threshold(conf, correct, [])
+
+
 # ---------------------------------------------------------------------------- process monitor
 
 
@@ -324,6 +363,23 @@ def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok"):
                         "train_wall_s": wall, "train_cpu_s": wall, "parse_p50_ms": p50, "parse_p99_ms": p50 * 2,
                         "train_peak_rss_mb": rss * 2, "serve_peak_rss_mb": rss, "model_mb": mb, "load_s": 1.0},
             "per_message": {"latency_ms": [p50] * n, "confidence": [0.9, 0.8, 0.7, 0.6], "correct": "1101"}}
+
+
+def test_report_chooses_the_oos_threshold_on_valid_and_applies_it_to_test():
+    r = _fake_result("clinc150", "slm360", 0.75, 10, 2, 500, 3)
+    r["oos_per_message"] = {"confidence": [0.65, 0.3, 0.95]}
+    r["valid_per_message"] = {"gold": ["a", "a", "b", "b"], "pred": ["a", "b", "b", "b"],
+                              "confidence": [0.9, 0.2, 0.8, 0.7]}
+    r["oos_valid_per_message"] = {"confidence": [0.1, 0.55, 0.75]}
+    o = R.oos_at_valid_threshold(r)
+    # On valid: dropping the wrong 0.2 is free, 0.7 would cost 25 points: threshold in (0.55, 0.7].
+    assert 0.55 < o["threshold"] <= 0.7 and o["valid"]["oos_recall"] == pytest.approx(2 / 3)
+    # On test (correct "1101", confidence 0.9 0.8 0.7 0.6): 0.6 falls back, 0.7 stays.
+    assert o["test"]["accuracy"] == 0.5 and o["test_accuracy_without_fallback"] == 0.75
+    assert o["test"]["oos_recall"] == pytest.approx(1 / 3)
+    table = "\n".join(R.oos_threshold_table({("clinc150", "slm360"): r}, ["clinc150"], ["slm360"]))
+    assert "| clinc150 |" in table and "0.3333" in table
+    assert R.oos_at_valid_threshold(_fake_result("banking77", "diet", 0.9, 1, 1, 1, 1)) is None
 
 
 def test_report_marks_missing_runs_and_missed_targets(tmp_path):
