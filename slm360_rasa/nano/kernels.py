@@ -53,11 +53,54 @@ Q4_ZERO = 8.0
 ROW_TILE = 4  # f32: weight rows multiplied together (4 accumulators per token)
 TOKEN_CHUNK = 64  # tokens per f32 pass; keeps the x chunk in L1/L2
 SERIAL_ROWS = 128  # below this many tokens, element-wise kernels do not fork threads
+ATT_TILE = 32  # attention: columns of the micro-kernel's accumulator rows (see _attention_job)
+ATT_TILE_U = np.uint64(ATT_TILE)  # the same, unsigned (see _attention_job)
+ATT_ACC_SIZE = 4 * ATT_TILE  # stack floats for its accumulators
 Q4_TILE = 32  # INT4: weight rows per tile = vector lanes (4 x 8 floats)
 Q4_KCHUNK = 128  # INT4: inputs dequantized at a time (multiple of QK); x Q4_TILE f32 = 16 KiB
 Q4_TOKEN_CHUNK = 256  # INT4: tokens per dequantization of a tile
 Q4_WT_SIZE = Q4_KCHUNK * Q4_TILE  # stack floats for a dequantized chunk
 Q4_ACC_SIZE = 4 * Q4_TILE  # stack floats for the micro-kernel accumulators
+
+
+@intrinsic
+def _i32_as_f32(typingctx, i):
+    """Reinterpret the bits of an int32 as a float32 (an LLVM bitcast: free, vectorizable)."""
+    if not isinstance(i, types.Integer) or i.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(i), codegen
+
+
+# exp(x) = 2^n * e^g with n = round(x log2 e), g = x - n ln 2 in [-ln2/2, ln2/2]; e^g by
+# its Taylor series to g^7 (truncation error < 3e-9 relative, below float32's 6e-8), 2^n
+# by writing n + 127 into the exponent bits. Plain float/int arithmetic, so LLVM
+# vectorizes loops that call it (math.exp stays a scalar libm call without Intel's SVML).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split in two: n * _LN2_HI is exact in float32
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MAX = np.float32(88.0)  # e^88 < float32 max; 2^127 is the largest scale we build
+_EXP_MIN = np.float32(-87.0)  # e^-87 > smallest normal float32; below it we flush to ~0
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def fast_exp(x):
+    """float32 e^x within 4e-7 relative error for x in [-87, 88] (clamped outside), vectorizable."""
+    x = min(max(x, _EXP_MIN), _EXP_MAX)
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    g = x - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.0 / 5040.0)
+    p = p * g + np.float32(1.0 / 720.0)
+    p = p * g + np.float32(1.0 / 120.0)
+    p = p * g + np.float32(1.0 / 24.0)
+    p = p * g + np.float32(1.0 / 6.0)
+    p = p * g + np.float32(0.5)
+    p = p * g + np.float32(1.0)
+    p = p * g + np.float32(1.0)
+    return p * _i32_as_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
 
 
 @njit(cache=True, fastmath=True)
@@ -340,6 +383,102 @@ def rope_serial(qkv, positions, cos, sin, n_rot_heads, head_dim):
         _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n)
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
+    """Attention of one (sequence, query head) pair; see `attention`.
+
+    Both products (scores = Q K^T and out = P V) run the register-tiled micro-kernel of
+    `_q4_tile`: 4 query rows x ATT_TILE columns of accumulators on the stack, one broadcast
+    per row and one ATT_TILE-wide FMA row per step of the reduction. The columns (keys for
+    the scores, head dimensions for the output) are zero-padded to multiples of ATT_TILE,
+    so every inner loop has a constant trip count that LLVM vectorizes, whatever the
+    sequence length; with plain loops a 12-token sequence spent its time entering 12-wide
+    loops (runtime alias and trip-count checks), not multiplying. Padded keys get scores
+    that are never read, padded dimensions outputs that are never stored.
+    """
+    C = n_heads * head_dim
+    kvd = n_kv_heads * head_dim
+    rep = n_heads // n_kv_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    b = job // n_heads
+    h = job - b * n_heads
+    s0 = starts[b]
+    T = starts[b + 1] - s0
+    qo = h * head_dim
+    ko = C + (h // rep) * head_dim
+    vo = C + kvd + (h // rep) * head_dim
+    Tp = (T + ATT_TILE - 1) // ATT_TILE * ATT_TILE  # keys, padded
+    Dp = (head_dim + ATT_TILE - 1) // ATT_TILE * ATT_TILE  # head dimensions, padded
+    T4 = (T + 3) // 4 * 4  # query rows, padded to the micro-kernel's 4
+    q = np.zeros((T4, head_dim), np.float32)
+    kt = np.zeros((head_dim, Tp), np.float32)
+    v = np.zeros((T, Dp), np.float32)
+    for j in range(T):
+        for d in range(head_dim):
+            q[j, d] = qkv[s0 + j, qo + d] * scale
+            kt[d, j] = qkv[s0 + j, ko + d]
+            v[j, d] = qkv[s0 + j, vo + d]
+    p = np.empty((T4, Tp), np.float32)
+    acc = carray(_stack_f32(ATT_ACC_SIZE), (4, ATT_TILE))
+    for i0 in range(0, T4, 4):
+        # Scores of queries i0..i0+3 against keys j0..j0+ATT_TILE-1. Every score sums its
+        # dimensions in order 0..D-1: results do not depend on the batch.
+        for j0 in range(0, Tp, ATT_TILE):
+            # Unsigned column index j0u + r (both uint64): numba then adds no negative-index
+            # wraparound, which would turn the row loads into gathers (as in _q4_tile).
+            j0u = np.uint64(j0)
+            for i in range(4):
+                for r in range(ATT_TILE):
+                    acc[i, r] = 0.0
+            for d in range(head_dim):
+                a0 = q[i0, d]
+                a1 = q[i0 + 1, d]
+                a2 = q[i0 + 2, d]
+                a3 = q[i0 + 3, d]
+                for r in range(ATT_TILE_U):
+                    w = kt[d, j0u + r]
+                    acc[0, r] += a0 * w
+                    acc[1, r] += a1 * w
+                    acc[2, r] += a2 * w
+                    acc[3, r] += a3 * w
+            for i in range(4):
+                for r in range(ATT_TILE_U):
+                    p[i0 + i, j0u + r] = acc[i, r]
+        # Softmax over the T real keys of each of the 4 rows (padding rows are harmless).
+        for i in range(i0, i0 + 4):
+            mx = p[i, 0]
+            for j in range(1, T):
+                mx = max(mx, p[i, j])
+            for j in range(T):
+                p[i, j] = fast_exp(p[i, j] - mx)
+            tot = np.float32(0.0)
+            for j in range(T):
+                tot += p[i, j]
+            inv = np.float32(1.0) / tot
+            for j in range(T):
+                p[i, j] *= inv
+        # out rows i0..i0+3 = P V, ATT_TILE head dimensions at a time.
+        for d0 in range(0, Dp, ATT_TILE):
+            d0u = np.uint64(d0)
+            for i in range(4):
+                for r in range(ATT_TILE):
+                    acc[i, r] = 0.0
+            for j in range(T):
+                a0 = p[i0, j]
+                a1 = p[i0 + 1, j]
+                a2 = p[i0 + 2, j]
+                a3 = p[i0 + 3, j]
+                for r in range(ATT_TILE_U):
+                    w = v[j, d0u + r]
+                    acc[0, r] += a0 * w
+                    acc[1, r] += a1 * w
+                    acc[2, r] += a2 * w
+                    acc[3, r] += a3 * w
+            for i in range(min(4, T - i0)):
+                for r in range(min(ATT_TILE, head_dim - d0)):
+                    out[s0 + i0 + i, qo + d0 + r] = acc[i, r]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
     """Bidirectional GQA within each packed sequence.
@@ -354,58 +493,24 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
     Every score sums its dimensions in order 0..D-1, so results do not depend on the
     batch a sequence is packed into.
     """
-    B = starts.shape[0] - 1
-    C = n_heads * head_dim
-    kvd = n_kv_heads * head_dim
-    rep = n_heads // n_kv_heads
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    for job in prange(B * n_heads):
-        b = job // n_heads
-        h = job - b * n_heads
-        s0 = starts[b]
-        T = starts[b + 1] - s0
-        qo = h * head_dim
-        ko = C + (h // rep) * head_dim
-        vo = C + kvd + (h // rep) * head_dim
-        kt = np.empty((head_dim, T), np.float32)
-        v = np.empty((T, head_dim), np.float32)
-        for j in range(T):
-            for d in range(head_dim):
-                kt[d, j] = qkv[s0 + j, ko + d]
-                v[j, d] = qkv[s0 + j, vo + d]
-        p = np.empty(T, np.float32)
-        acc = np.empty(head_dim, np.float32)
-        for i in range(T):
-            for j in range(T):
-                p[j] = np.float32(0.0)
-            for d in range(head_dim):
-                qd = qkv[s0 + i, qo + d] * scale
-                for j in range(T):
-                    p[j] += qd * kt[d, j]
-            mx = p[0]
-            for j in range(1, T):
-                mx = max(mx, p[j])
-            tot = np.float32(0.0)
-            for j in range(T):
-                e = np.float32(math.exp(p[j] - mx))
-                p[j] = e
-                tot += e
-            inv = np.float32(1.0) / tot
-            for d in range(head_dim):
-                acc[d] = np.float32(0.0)
-            for j in range(T):
-                pj = p[j] * inv
-                for d in range(head_dim):
-                    acc[d] += pj * v[j, d]
-            for d in range(head_dim):
-                out[s0 + i, qo + d] = acc[d]
+    for job in prange((starts.shape[0] - 1) * n_heads):
+        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job)
 
 
 @njit(cache=True, fastmath=True)
+def attention_serial(qkv, starts, n_heads, n_kv_heads, head_dim, out):
+    """`attention` on the calling thread."""
+    for job in range((starts.shape[0] - 1) * n_heads):
+        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job)
+
+
+# error_model="numpy": a float division by zero gives inf instead of raising, so numba drops
+# the per-element zero check that otherwise keeps this loop scalar (1 + e^-a is never 0).
+@njit(cache=True, fastmath=True, error_model="numpy")
 def _silu_row(h13, hidden_width, out, n):
     for j in range(hidden_width):
         a = h13[n, j]
-        out[n, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * h13[n, hidden_width + j]
+        out[n, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[n, hidden_width + j]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -473,7 +578,7 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
                     wqkv_f, wqkv_c, wqkv_s, wo_f, wo_c, wo_s,
                     w13_f, w13_c, w13_s, w2_f, w2_c, w2_s,
                     cos, sin, n_heads, n_kv_heads, hidden_width, eps,
-                    x, xn, qkv, att, proj, h13, gate, pooled):
+                    x, xn, qkv, att, proj, h13, gate, pooled, one_thread=False):
     """The whole encoder on packed tokens; leaves token states in `xn` and means in `pooled`.
 
     Weight stacks are indexed by layer: wqkv (L, C + 2 KV D, C) is [wq; wk; wv],
@@ -482,7 +587,8 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
     the tiled layout of `repack_q4` (L, T, K/2, 32) / (L, T, K/QK, 32), except emb_c/emb_s
     which stay planar; else the *_f (float32) ones; the unused set may be empty.
     Buffers x, xn, att, proj (N, C), qkv (N, C + 2 KV D), h13 (N, 2 Hw), gate (N, Hw),
-    pooled (B, C) are overwritten.
+    pooled (B, C) are overwritten. `one_thread` (the caller runs numba on one thread) runs
+    attention without a parallel region, which on one thread is pure scheduling overhead.
     """
     head_dim = x.shape[1] // n_heads
     # Short inputs (one utterance) run the element-wise kernels on this thread: they take
@@ -504,7 +610,10 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
             rope_serial(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
         else:
             rope_inplace(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
-        attention(qkv, starts, n_heads, n_kv_heads, head_dim, att)
+        if one_thread:
+            attention_serial(qkv, starts, n_heads, n_kv_heads, head_dim, att)
+        else:
+            attention(qkv, starts, n_heads, n_kv_heads, head_dim, att)
         _linear(att, quantized, wo_f, wo_c, wo_s, layer, proj)
         if serial:
             add_norm_serial(x, proj, ffn_norm[layer], eps, xn)

@@ -282,7 +282,7 @@ class Encoder:
             self.w13_f, self.w13_c, self.w13_s, self.w2_f, self.w2_c, self.w2_s,
             self.cos, self.sin, cfg.n_heads, cfg.n_kv_heads, self.hidden_width, np.float32(cfg.norm_eps),
             x, xn, self._qkv[:N], self._att[:N], self._proj[:N], self._h13[:N], self._gate[:N],
-            self._pooled[:B],
+            self._pooled[:B], numba.get_num_threads() == 1,
         )
 
     def _chunks(self, lengths: np.ndarray):

@@ -99,6 +99,9 @@ def test_rope_and_attention_on_packed_sequences(rng):
     K.rope_inplace(qkv, positions, cos, sin, H + KV, D)
     out = np.empty((9, H * D), np.float32)
     K.attention(qkv, starts, H, KV, D, out)
+    serial = np.empty_like(out)
+    K.attention_serial(qkv, starts, H, KV, D, serial)
+    np.testing.assert_array_equal(serial, out)  # same jobs, same order of sums: bit-identical
     for b, s in enumerate(seqs):
         T = lengths[b]
         q = M.rope_forward(s[:, : H * D].reshape(1, T, H, D), cos, sin)
@@ -106,6 +109,41 @@ def test_rope_and_attention_on_packed_sequences(rng):
         v = s[:, (H + KV) * D:].reshape(1, T, KV, D)
         ref, _ = M.attention_forward(q, k, v, np.ones((1, T)))
         np.testing.assert_allclose(out[starts[b]:starts[b + 1]], ref[0], rtol=1e-5, atol=1e-5)
+
+
+# More keys than one ATT_TILE (a full tile and a partial one), and a head wider than one
+# (two output tiles, the second partial), with query counts that are not multiples of 4.
+@pytest.mark.parametrize("D,T", [(8, K.ATT_TILE + 8), (K.ATT_TILE + 8, 5), (32, 1)])
+def test_attention_tiles_and_padding(rng, D, T):
+    H, KV = 2, 1
+    qkv = rng.standard_normal((T, (H + 2 * KV) * D)).astype(np.float32)
+    out = np.empty((T, H * D), np.float32)
+    K.attention(qkv, np.array([0, T], np.int64), H, KV, D, out)
+    q = qkv[:, : H * D].reshape(1, T, H, D)
+    k = qkv[:, H * D:(H + KV) * D].reshape(1, T, KV, D)
+    v = qkv[:, (H + KV) * D:].reshape(1, T, KV, D)
+    ref, _ = M.attention_forward(q, k, v, np.ones((1, T)))
+    np.testing.assert_allclose(out, ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_exp_matches_libm_over_the_float32_range():
+    from numba import njit
+
+    @njit
+    def apply(a, out):
+        for i in range(a.shape[0]):
+            out[i] = K.fast_exp(a[i])
+
+    x = np.concatenate([np.linspace(-87, 88, 200_001), [0.0, -1e-8, 1e-8]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - ref) / ref) < 4e-7
+    # Outside the range it clamps instead of overflowing to inf or producing nan.
+    far = np.array([-1e4, -100.0, 100.0, 1e4, np.inf, -np.inf], np.float32)
+    got = np.empty_like(far)
+    apply(far, got)
+    assert np.all(np.isfinite(got)) and got[0] < 1e-37 and got[-3] > 1e38
 
 
 class _VocabOnly:
