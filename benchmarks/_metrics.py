@@ -20,8 +20,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+# One ECE for the benchmark and the model's own calibration report (slm360_rasa has no Rasa import).
+from slm360_rasa.train.calibration import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: F401
+
 FALLBACK_INTENT = "nlu_fallback"  # rasa.shared.constants.DEFAULT_NLU_FALLBACK_INTENT_NAME
-ECE_BINS = 15
 
 Span = Tuple[int, int, str]  # (start, end, label), end exclusive
 
@@ -90,45 +92,6 @@ def entity_micro_f1(gold: Sequence[Iterable[Span]], pred: Sequence[Iterable[Span
     recall = tp / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "n_gold": n_gold, "n_pred": n_pred}
-
-
-def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    # Bins are (lo, hi], as in Guo et al. 2017: bin b holds b/n < c <= (b+1)/n; a confidence
-    # of exactly 0 goes to the first bin. Rounding first keeps c = k/n on the intended side
-    # despite float error (e.g. 0.2 * 15 = 3.0000000000000004).
-    c = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
-    idx = np.ceil(np.round(c * n_bins, 9)).astype(np.int64) - 1
-    return np.clip(idx, 0, n_bins - 1)
-
-
-def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> List[dict]:
-    """Per-bin count, mean confidence and accuracy over equal-width bins of (0, 1].
-
-    Returns one dict per bin (empty bins included, with nan means) with keys
-    lo, hi, n, confidence, accuracy: the data of a reliability diagram.
-    """
-    conf = np.asarray(confidence, dtype=np.float64)
-    corr = np.asarray(correct, dtype=np.float64)
-    if conf.shape != corr.shape:
-        raise ValueError(f"confidence and correct differ in length: {conf.shape} vs {corr.shape}")
-    idx = _bin_index(conf, n_bins)
-    out = []
-    for b in range(n_bins):
-        m = idx == b
-        n = int(m.sum())
-        out.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n,
-                    "confidence": float(conf[m].mean()) if n else float("nan"),
-                    "accuracy": float(corr[m].mean()) if n else float("nan")})
-    return out
-
-
-def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = ECE_BINS) -> float:
-    """ECE = sum over bins of (n_bin / N) * |accuracy_bin - mean confidence_bin| (nan if N = 0)."""
-    bins = reliability_bins(confidence, correct, n_bins)
-    total = sum(b["n"] for b in bins)
-    if total == 0:
-        return float("nan")
-    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"]))
 
 
 def oos_recall(top_intents: Sequence[Optional[str]]) -> float:

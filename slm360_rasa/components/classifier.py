@@ -29,6 +29,9 @@ from rasa.shared.nlu.training_data.training_data import TrainingData
 logger = logging.getLogger("slm360_rasa")
 
 MODEL_FILE = "slm360_classifier.safetensors"
+# Overrides max_forgetting for one `rasa train --finetune` run (config changes block finetuning).
+MAX_FORGETTING_ENV = "SLM360_MAX_FORGETTING"
+FASTPATH_FILE = "fastpath.json"
 PRECISIONS = ("int4", "f32")
 
 
@@ -38,6 +41,10 @@ PRECISIONS = ("int4", "f32")
 )
 class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
     """Fine-tunes SLM360 Nano on the bot's NLU data; predicts intents and entities."""
+
+    # Pattern fast path (slm360_rasa/fastpath.py), built in `train`, restored in `load`;
+    # None (a model without one) means no patterns.
+    _fastpath = None
 
     @staticmethod
     def get_default_config() -> Dict[Text, Any]:
@@ -75,6 +82,26 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             "entity_loss_weight": 1.0,
             # Pretrained encoder checkpoint to start from; null = the one shipped in the package.
             "checkpoint": None,
+            # Share of the examples held out (stratified; never an intent's last two) and not trained
+            # on: the softmax temperature is fitted on them, so confidences track accuracy, and
+            # `--finetune` checks on them that an update does not forget. 0 turns both off.
+            "holdout_fraction": 0.1,
+            # At most this many examples are held out.
+            "holdout_max": 500,
+            # Training examples stored in the model and replayed by `rasa train --finetune`.
+            "replay_size": 1000,
+            # EWC strength of `--finetune`: lambda/2 * sum F (w - w_old)^2 with F the Fisher
+            # diagonal stored in the model; 0 turns it off (and skips computing F).
+            "ewc_lambda": 1.0,
+            # `--finetune` keeps the previous model when accuracy on its held-out examples drops
+            # by more than this (0.02 = 2 points); null turns the guard off. Rasa refuses a
+            # finetune whose config differs in anything but epochs, so for one run override it
+            # with the environment variable SLM360_MAX_FORGETTING=<number> or =off instead.
+            "max_forgetting": 0.02,
+            # "hybrid": training examples (up to case and punctuation) are answered from a table
+            # without the encoder, intent-identifying regexes/lookup tables vote with the encoder;
+            # "semantic": the encoder only; "pattern": patterns only (no intent when none matches).
+            "mode": "hybrid",
         }
 
     def __init__(self, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
@@ -98,6 +125,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         if isinstance(ml, bool) or not isinstance(ml, int) or not 3 <= ml <= 512:
             raise ValueError(f"SLM360Classifier: max_length must be an integer in [3, 512], got {ml!r}")
         self._finetune_config()  # validates the training keys with messages naming them
+        self._fastpath_config()
 
     def _finetune_config(self):
         from ..train.finetune import FinetuneConfig
@@ -112,9 +140,31 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
                 entity_loss_weight=float(cfg["entity_loss_weight"]), label_smoothing=float(cfg["label_smoothing"]),
                 intent_classification=bool(cfg["intent_classification"]),
                 entity_recognition=bool(cfg["entity_recognition"]),
+                holdout_fraction=float(cfg["holdout_fraction"]), holdout_max=cfg["holdout_max"],
+                replay_size=cfg["replay_size"], ewc_lambda=float(cfg["ewc_lambda"]),
+                max_forgetting=None if cfg["max_forgetting"] is None else float(cfg["max_forgetting"]),
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
+
+    def _fastpath_config(self):
+        from ..fastpath import FastPathConfig
+
+        try:
+            return FastPathConfig(mode=self.component_config["mode"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
+
+    def _build_fastpath(self, training_data: TrainingData):
+        """The pattern fast path of this training data: its intent examples (text, intent,
+        entities), regex features and lookup tables."""
+        from ..fastpath import FastPath
+
+        examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
+        return FastPath.build([m.get(TEXT) for m in examples], [m.get(INTENT) for m in examples],
+                              [m.get(ENTITIES) or [] for m in examples],
+                              regexes=training_data.regex_features, lookups=training_data.lookup_tables,
+                              config=self._fastpath_config())
 
     @classmethod
     def create(cls, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
@@ -125,7 +175,12 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
     # ------------------------------------------------------------------ training
 
     def train(self, training_data: TrainingData) -> Resource:
-        """Fine-tune on the intent examples (and their entities), then persist."""
+        """Fine-tune on the intent examples (and their entities), then persist.
+
+        Under `rasa train --finetune` the previous model is updated by
+        `train.continual.ContinualLearner` (replay + EWC + validation guard); a refused
+        update persists the previous weights unchanged and raises a warning.
+        """
         from ..train.finetune import IntentEntityModel
 
         examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
@@ -136,16 +191,42 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         intents = [m.get(INTENT) for m in examples]
         entities = [[e for e in (m.get(ENTITIES) or []) if "start" in e and "end" in e] for m in examples]
         cfg = self._finetune_config()
+        refused = False
         if self._execution_context.is_finetuning and self._model is not None:
             # `rasa train --finetune`: continue from the previous model (its INT4 weights,
-            # dequantized, are the starting point) with the epochs Rasa scaled for us.
+            # dequantized, are the starting point) for the epochs Rasa scaled, with replay and
+            # EWC, and keep the result only if the old held-out accuracy holds (train/continual.py).
+            from dataclasses import replace
+
+            from ..train.continual import ContinualLearner
+
+            cfg = replace(cfg, max_forgetting=_max_forgetting_override(cfg.max_forgetting))
             logger.info("SLM360Classifier: fine-tuning the previous model for %d epochs", cfg.epochs)
-            self._model.cfg = cfg
+            learner = ContinualLearner(self._model, cfg)
+            report = learner.learn(texts, intents, entities, progress=True)
+            self._model = learner.model
+            refused = not report.accepted
+            if refused:
+                import rasa.shared.utils.io
+
+                rasa.shared.utils.io.raise_warning(
+                    f"SLM360Classifier: `--finetune` REFUSED the update and kept the previous model's weights: "
+                    f"accuracy on {report.n_guard} {'held-out' if report.guard == 'holdout' else 'replayed'} "
+                    f"examples of the previous training data dropped "
+                    f"from {100 * report.accuracy_before:.1f}% to {100 * report.accuracy_after:.1f}% "
+                    f"({100 * report.drop:.1f} points), more than max_forgetting = {report.max_forgetting} "
+                    f"({100 * report.max_forgetting:.1f} points). Check the new data for examples that "
+                    f"contradict the old labels. To accept the update anyway, run the finetune again with the "
+                    f"environment variable {MAX_FORGETTING_ENV}=<a larger share, e.g. 0.1> or "
+                    f"{MAX_FORGETTING_ENV}=off (changing max_forgetting in config.yml makes Rasa refuse to "
+                    f"finetune), or retrain from scratch with `rasa train`.")
         else:
             self._model = IntentEntityModel.from_pretrained(cfg, checkpoint=self.component_config["checkpoint"],
                                                             precision=self.component_config["precision"],
                                                             max_length=self.component_config["max_length"])
-        self._model.fit(texts, intents, entities, progress=True)
+            self._model.fit(texts, intents, entities, progress=True)
+        if not refused:  # a refused update keeps the previous fast path (restored by `load`) too
+            self._fastpath = self._build_fastpath(training_data)
         self.persist()
         return self._resource
 
@@ -155,6 +236,11 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             return
         with self._model_storage.write_to(self._resource) as model_dir:
             self._model.save(model_dir / MODEL_FILE)
+            if self._fastpath is not None:
+                import json
+
+                (model_dir / FASTPATH_FILE).write_text(json.dumps(self._fastpath.to_dict(), ensure_ascii=False),
+                                                       encoding="utf-8")
 
     @classmethod
     def load(cls, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
@@ -178,33 +264,62 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
                 raise FileNotFoundError(f"SLM360Classifier: model file missing from the trained model: {path}. "
                                         "Retrain the model with `rasa train`.")
             model = IntentEntityModel.load(path)
+            fastpath = _load_fastpath(model_dir / FASTPATH_FILE)
         finally:
             reader.__exit__(None, None, None)
-        return cls(config, model_storage, resource, execution_context, model=model)
+        component = cls(config, model_storage, resource, execution_context, model=model)
+        component._fastpath = fastpath
+        return component
 
     # ------------------------------------------------------------------ prediction
 
     def process(self, messages: List[Message]) -> List[Message]:
-        """Set intent, intent_ranking and entities on each message (one batched encoder call)."""
+        """Set intent, intent_ranking and entities on each message.
+
+        In hybrid and pattern mode the fast path looks first; messages it answers fully (exact
+        training text, entities known) skip the encoder, the rest go through ONE batched
+        encoder call (none in pattern mode). Arbitration: slm360_rasa/fastpath.py.
+        """
+        from ..fastpath import arbitrate, needs_encoder
+
         if self._model is None or not messages:
             return messages
+        cfg = self.component_config
+        mode = cfg["mode"]
         texts = [_safe_text(m.get(TEXT)) for m in messages]
-        preds = self._model.predict(texts)
-        for message, pred in zip(messages, preds):
-            if self.component_config["intent_classification"] and self._model.intents:
-                if pred.intent_probs is None:
-                    # Nothing to read (empty or all-control-character text): answer as DIET does,
-                    # no intent at confidence 0, which FallbackClassifier turns into nlu_fallback.
+        use_patterns = mode != "semantic" and self._fastpath is not None
+        hits = [self._fastpath.match(t) if use_patterns else None for t in texts]
+        if self._model.intents:
+            # A hit naming an intent the model lacks (a hand-edited fastpath.json) must not
+            # skip the encoder and leave the message without an intent.
+            known = set(self._model.intents)
+            hits = [h if h is None or h.intent in known else None for h in hits]
+        wants_entities = bool(cfg["entity_recognition"] and self._model.entity_types)
+        todo = [i for i, h in enumerate(hits) if needs_encoder(h, mode, wants_entities)]
+        preds = dict(zip(todo, self._model.predict([texts[i] for i in todo]))) if todo else {}
+        for i, message in enumerate(messages):
+            pred, hit = preds.get(i), hits[i]
+            if cfg["intent_classification"] and self._model.intents:
+                probs = arbitrate(hit, pred.intent_probs if pred is not None else None, self._model.intents, mode)
+                if probs is None:
+                    # Nothing to read (empty or all-control-character text) or, in pattern mode,
+                    # no pattern: answer as DIET does on empty text, no intent at confidence 0,
+                    # which FallbackClassifier turns into nlu_fallback.
                     message.set(INTENT, {"name": None, PREDICTED_CONFIDENCE_KEY: 0.0}, add_to_output=True)
                     message.set(INTENT_RANKING_KEY, [], add_to_output=True)
                 else:
-                    self._set_intent(message, pred.intent_probs)
-            if self.component_config["entity_recognition"] and pred.entities:
-                entities = self.add_extractor_name([dict(e) for e in pred.entities])
+                    self._set_intent(message, probs)
+            if hit is not None and hit.source == "exact" and hit.entities is not None:
+                found = hit.entities
+            else:
+                found = pred.entities if pred is not None else []
+            if wants_entities and found:
+                entities = self.add_extractor_name([dict(e) for e in found])
                 message.set(ENTITIES, message.get(ENTITIES, []) + entities, add_to_output=True)
         return messages
 
     def _set_intent(self, message: Message, probs) -> None:
+        """`intent` and `intent_ranking` (DIET's shapes) from probabilities over the model's intents."""
         import numpy as np
 
         order = np.argsort(-probs, kind="stable")
@@ -226,6 +341,43 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
     def required_components(cls) -> List[Type]:
         """None: the encoder has its own tokenizer (a Rasa tokenizer may still precede it)."""
         return []
+
+
+def _load_fastpath(path):
+    """The fast path persisted at `path`; none (a warning) for models trained before it existed."""
+    import json
+
+    from ..fastpath import FastPath
+
+    if not path.is_file():
+        logger.warning(f"SLM360Classifier: no {FASTPATH_FILE} in the trained model (trained by an older "
+                       "slm360-rasa); running without patterns. Retrain with `rasa train` to enable them.")
+        return None
+    try:
+        return FastPath.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"SLM360Classifier: corrupt fast path file {path}: {e}. "
+                         "Retrain the model with `rasa train`.") from None
+
+
+def _max_forgetting_override(configured: Optional[float]) -> Optional[float]:
+    """max_forgetting for this finetune: $SLM360_MAX_FORGETTING (a share in [0, 1], or
+    off/none/null) when set, else the configured value."""
+    import os
+
+    raw = os.environ.get(MAX_FORGETTING_ENV)
+    if raw is None or not raw.strip():
+        return configured
+    if raw.strip().lower() in ("off", "none", "null"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise ValueError(f"SLM360Classifier: {MAX_FORGETTING_ENV}={raw!r}: expected a share of accuracy in [0, 1] "
+                         "(0.02 = 2 points) or 'off'")
+    return value
 
 
 def _safe_text(text: Optional[str]) -> str:

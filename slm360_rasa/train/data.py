@@ -1,7 +1,10 @@
-"""Batching shared by pretraining and fine-tuning: seeded, length-bucketed, padded."""
+"""Data helpers shared by pretraining, fine-tuning and continual learning: seeded,
+length-bucketed, padded batches; labelled example sets; stratified held-out splits and samples."""
 from __future__ import annotations
 
-from typing import List, Tuple
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,3 +34,148 @@ def pad(seqs: List[np.ndarray], pad_id: int) -> Tuple[np.ndarray, np.ndarray]:
         ids[b, : len(s)] = s
         mask[b, : len(s)] = 1.0
     return ids, mask
+
+
+# ------------------------------------------------------------------ labelled examples
+
+
+@dataclass
+class Examples:
+    """Labelled utterances kept inside a model (held-out guard set, replay buffer).
+
+    `entities[i]` lists {"start", "end", "entity"} character spans of `texts[i]` (end
+    exclusive); other keys of incoming entity dicts (value, role, extractor) are dropped,
+    since the value is `text[start:end]` and the heads use nothing else.
+    """
+
+    texts: List[str] = field(default_factory=list)
+    intents: List[str] = field(default_factory=list)
+    entities: List[List[dict]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (len(self.texts) == len(self.intents) == len(self.entities)):
+            raise ValueError(f"Examples: texts ({len(self.texts)}), intents ({len(self.intents)}) and "
+                             f"entities ({len(self.entities)}) differ in length")
+        self.entities = [[{"start": int(e["start"]), "end": int(e["end"]), "entity": str(e["entity"])}
+                          for e in ents] for ents in self.entities]
+
+    @classmethod
+    def build(cls, texts: Sequence[str], intents: Sequence[str],
+              entities: Optional[Sequence[Sequence[dict]]] = None) -> "Examples":
+        """From parallel lists; `entities=None` means no entity annotations."""
+        ents = [list(e) for e in entities] if entities is not None else [[] for _ in texts]
+        return cls(list(texts), list(intents), ents)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: Sequence[int]) -> "Examples":
+        """The examples at positions `idx`, in that order."""
+        return Examples([self.texts[i] for i in idx], [self.intents[i] for i in idx],
+                        [self.entities[i] for i in idx])
+
+    def __add__(self, other: "Examples") -> "Examples":
+        return Examples(self.texts + other.texts, self.intents + other.intents, self.entities + other.entities)
+
+    def to_json(self) -> dict:
+        """Compact JSON: entities as [start, end, type] triples."""
+        return {"texts": list(self.texts), "intents": list(self.intents),
+                "entities": [[[e["start"], e["end"], e["entity"]] for e in ents] for ents in self.entities]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Examples":
+        """Inverse of `to_json`."""
+        return cls(list(d["texts"]), list(d["intents"]),
+                   [[{"start": s, "end": e, "entity": t} for s, e, t in ents] for ents in d["entities"]])
+
+
+# ------------------------------------------------------------------ stratified sampling
+
+
+def _groups(labels: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Positions of each label, labels in sorted order (so the result never depends on input order of labels)."""
+    order: Dict[str, List[int]] = {}
+    for i, lab in enumerate(labels):
+        order.setdefault(lab, []).append(i)
+    return {lab: np.array(order[lab], np.int64) for lab in sorted(order)}
+
+
+def _allocate(sizes: np.ndarray, caps: np.ndarray, k: int, at_least_one: bool = False) -> np.ndarray:
+    """Split `k` draws over groups in proportion to `sizes`, never more than `caps`.
+
+    Largest-remainder rounding; the remainder goes round by round to the groups furthest
+    below their proportional share (ties to the lower index), skipping full groups. With
+    `at_least_one`, every group with a free slot gets one first when k allows it (so a
+    replay buffer never drops a rare label). Requires k <= caps.sum().
+    """
+    take = np.zeros(len(sizes), np.int64)
+    if k <= 0:
+        return take
+    floor = np.minimum(caps, 1) if at_least_one and k >= int((caps > 0).sum()) else np.zeros_like(caps)
+    share = k * sizes / max(int(sizes.sum()), 1)
+    take = np.maximum(floor, np.minimum(np.floor(share).astype(np.int64), caps))
+    while take.sum() < k:
+        open_ = np.flatnonzero(take < caps)
+        # Furthest below its share first; stable sort keeps ties in index order.
+        order = open_[np.argsort(-(share[open_] - take[open_]), kind="stable")]
+        for g in order[: k - int(take.sum())]:
+            take[g] += 1
+    while take.sum() > k:  # the guaranteed one per group pushed the total over k
+        over = np.flatnonzero(take > floor)
+        take[over[np.argmax(take[over] - share[over])]] -= 1
+    return take
+
+
+def stratified_holdout(labels: Sequence[str], fraction: float, max_n: int, seed) -> Tuple[np.ndarray, np.ndarray]:
+    """Split positions into (train_idx, holdout_idx), both sorted, stratified by label.
+
+    About `fraction` of the examples (rounded, at most `max_n`) are held out, each label
+    contributing in proportion to its count, but never its last two examples: a label with
+    fewer than 3 examples contributes none, so every label keeps at least 2 to learn from.
+    Which examples of a label are held out is a seeded draw (`seed`: an int or a sequence
+    of ints for numpy's SeedSequence); same labels + seed give the same split.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction!r}")
+    if isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 0:
+        raise ValueError(f"holdout max_n must be an integer >= 0, got {max_n!r}")
+    n = len(labels)
+    groups = _groups(labels)
+    sizes = np.array([len(g) for g in groups.values()], np.int64)
+    caps = np.maximum(sizes - 2, 0)
+    k = min(int(math.floor(fraction * n + 0.5)), int(max_n), int(caps.sum()))
+    take = _allocate(sizes, caps, k)
+    rng = np.random.default_rng(seed)
+    held = [g[rng.permutation(len(g))[:t]] for g, t in zip(groups.values(), take)]
+    hold_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    keep = np.ones(n, bool)
+    keep[hold_idx] = False
+    return np.flatnonzero(keep).astype(np.int64), hold_idx.astype(np.int64)
+
+
+def holdout_split(examples: Examples, fraction: float, max_n: int, seed) -> Tuple[Examples, Examples]:
+    """(train, held-out) examples by `stratified_holdout` on the intents; a held-out example
+    whose text also occurs in the training part goes back to training, since the model
+    would have seen that exact text (data sets do repeat texts)."""
+    tr, ho = stratified_holdout(examples.intents, fraction, max_n, seed)
+    train_texts = {examples.texts[i] for i in tr}
+    leak = [i for i in ho if examples.texts[i] in train_texts]
+    if leak:
+        tr = np.sort(np.concatenate([tr, np.array(leak, np.int64)]))
+        ho = np.array([i for i in ho if examples.texts[i] not in train_texts], np.int64)
+    return examples.subset(tr), examples.subset(ho)
+
+
+def stratified_sample(labels: Sequence[str], n: int, seed) -> np.ndarray:
+    """Sorted positions of a seeded sample of `n` examples (all of them when n >= len),
+    stratified by label, with every label represented when n >= the number of labels."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"sample size must be an integer >= 0, got {n!r}")
+    if n >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    groups = _groups(labels)
+    sizes = np.array([len(g) for g in groups.values()], np.int64)
+    take = _allocate(sizes, sizes, int(n), at_least_one=True)
+    rng = np.random.default_rng(seed)
+    picked = [g[rng.permutation(len(g))[:t]] for g, t in zip(groups.values(), take)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)

@@ -1,4 +1,11 @@
-"""Fine-tuning (train/finetune.py): learns a toy task, handles edge cases, round-trips to disk."""
+"""Fine-tuning (train/finetune.py): learns a toy task, handles edge cases, round-trips to disk,
+calibrates on held-out examples, and is deterministic (bytes on disk, numba thread count)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -6,7 +13,9 @@ from slm360_rasa.nano.checkpoint import save_checkpoint
 from slm360_rasa.nano.config import NanoConfig
 from slm360_rasa.nano.model import init_params
 from slm360_rasa.nano.tokenizer import NanoTokenizer
-from slm360_rasa.train.finetune import FinetuneConfig, IntentEntityModel
+from slm360_rasa.train.calibration import fit_temperature, nll
+from slm360_rasa.train.finetune import MIN_CALIBRATION_EXAMPLES, FinetuneConfig, IntentEntityModel
+from toybot import columns, toy_examples
 
 SMALL = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
 
@@ -86,3 +95,109 @@ def test_config_validation_names_the_key():
         FinetuneConfig(epochs=0)
     with pytest.raises(ValueError, match="freeze_layers"):
         FinetuneConfig(freeze_layers=-1)
+    for key, bad in [("holdout_fraction", 0.7), ("holdout_max", -1), ("replay_size", 1.5), ("ewc_lambda", -1.0),
+                     ("ewc_lambda", float("inf")), ("max_forgetting", 2.0), ("fisher_examples", 0)]:
+        with pytest.raises(ValueError, match=key):
+            FinetuneConfig(**{key: bad})
+    assert FinetuneConfig(max_forgetting=None).max_forgetting is None
+
+
+# ------------------------------------------------------------------ held-out set and calibration
+
+
+def test_temperature_is_fitted_on_held_out_examples_and_used_by_predict(checkpoint, tmp_path):
+    data = toy_examples(16)
+    m = IntentEntityModel.from_pretrained(FinetuneConfig(epochs=2, batch_size=8, learning_rate=2e-3,
+                                                         holdout_fraction=0.5), checkpoint=str(checkpoint))
+    m.fit(*columns(data), progress=False)
+    # 24 of 48 held out (8 per intent), none of them trained on or replayed.
+    assert len(m.holdout) == 24 and sorted(set(m.holdout.intents)) == m.intents
+    assert not set(m.holdout.texts) & set(m.replay.texts) and len(m.replay) == 24
+    cal = m.calibration
+    assert cal["fitted"] and cal["n_used"] == 24 >= MIN_CALIBRATION_EXAMPLES
+    # The stored T is the NLL optimum over the held-out intent logits of the served (INT4) model.
+    z = m.intent_logits(m.holdout.texts).astype(np.float64)
+    y = np.array([m.intents.index(i) for i in m.holdout.intents])
+    assert m.temperature == fit_temperature(z, y) == cal["temperature"] and m.temperature != 1.0
+    assert cal["nll_after"] == pytest.approx(nll(z, y, m.temperature)) and cal["nll_after"] <= cal["nll_before"]
+    assert cal["accuracy"] == pytest.approx(float(np.mean(z.argmax(1) == y)))
+    assert {"ece_before", "ece_after"} <= set(cal)
+    # predict = softmax(logits / T).
+    texts = ["book a table for 7", "when do you open", "show me the menu"]
+    zz = m.intent_logits(texts) / np.float32(m.temperature)
+    expected = np.exp(zz - zz.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    got = np.stack([p.intent_probs for p in m.predict(texts)])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    # save/load keeps T (and so the probabilities) exactly.
+    back = IntentEntityModel.load(m.save(tmp_path / "m.safetensors"))
+    assert back.temperature == m.temperature and back.calibration == m.calibration
+    assert np.array_equal(np.stack([p.intent_probs for p in back.predict(texts)]), got)
+
+
+def test_few_held_out_examples_leave_the_temperature_at_one(checkpoint):
+    m = _fit(checkpoint, epochs=2)  # 12 examples: 1 held out
+    assert len(m.holdout) == 1 and m.temperature == 1.0
+    assert m.calibration["fitted"] is False and "fewer than" in m.calibration["reason"]
+    off = _fit(checkpoint, epochs=1, holdout_fraction=0.0)
+    assert len(off.holdout) == 0 and off.temperature == 1.0 and len(off.replay) == len(DATA)
+
+
+def test_a_model_saved_before_calibration_and_continual_state_still_loads(checkpoint, tmp_path):
+    from slm360_rasa.nano.checkpoint import load_checkpoint
+
+    m = _fit(checkpoint, epochs=1)
+    ck = load_checkpoint(m.save(tmp_path / "new.safetensors"))
+    old_extra = {k: v for k, v in ck.extra.items()
+                 if k not in ("temperature", "calibration", "holdout", "replay", "fisher", "continual")}
+    tensors = {k: v for k, v in ck.tensors.items() if not k.startswith("fisher.")}
+    old = IntentEntityModel.load(save_checkpoint(tmp_path / "old.safetensors", tensors, ck.config,
+                                                 ck.tokenizer_sha256, extra=old_extra))
+    assert old.temperature == 1.0 and len(old.holdout) == 0 and len(old.replay) == 0 and old.fisher() == {}
+    assert np.array_equal(old.predict(["when do you open"])[0].intent_probs,
+                          IntentEntityModel.load(tmp_path / "new.safetensors").predict(["when do you open"])[0]
+                          .intent_probs)
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def _sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_same_seed_gives_byte_identical_model_files(checkpoint, tmp_path):
+    # Held-out set, temperature, replay buffer and Fisher included: 8 per intent holds out 3.
+    data = [(t, i, [(e["start"], e["end"], e["entity"]) for e in ents]) for t, i, ents in toy_examples(8)]
+    a = _fit(checkpoint, data=data, epochs=2).save(tmp_path / "a.safetensors")
+    b = _fit(checkpoint, data=data, epochs=2).save(tmp_path / "b.safetensors")
+    assert _sha256(a) == _sha256(b)
+    c = _fit(checkpoint, data=data, epochs=2, random_seed=7).save(tmp_path / "c.safetensors")
+    assert _sha256(c) != _sha256(a)
+
+
+_PRINT_PROBS = """
+import json, sys
+from slm360_rasa.train.finetune import IntentEntityModel
+m = IntentEntityModel.load(sys.argv[1])
+texts = json.loads(sys.argv[2])
+out = []
+for p in m.predict(texts):
+    out.append([float(x).hex() for x in p.intent_probs] + [[e["start"], e["end"], float(e["confidence_entity"]).hex()]
+                                                           for e in p.entities])
+print(json.dumps(out))
+"""
+
+
+def test_predictions_do_not_depend_on_the_numba_thread_count(checkpoint, tmp_path):
+    path = _fit(checkpoint, epochs=3).save(tmp_path / "m.safetensors")
+    # One long batch (> the runtime's parallel threshold) and short texts.
+    texts = [d[0] for d in DATA] + [" ".join(d[0] for d in DATA)]
+    outs = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=threads, RASA_TELEMETRY_ENABLED="false")
+        r = subprocess.run([sys.executable, "-c", _PRINT_PROBS, str(path), json.dumps(texts)], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert outs[0] == outs[1]
