@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Continual learning experiment (issue #7): does EWC + replay forget less than plain finetuning?
+
+Protocol, on one dataset (default Banking77), seeded:
+
+  1. Split the train split in two halves by example, stratified by intent (same label set in
+     both, as Rasa's finetune validator requires). From half B, hold out a stratified 10%
+     (at most 500) that no model trains on: "B held-out".
+  2. Train SLM360 on half A (`IntentEntityModel.fit`; it holds out its own stratified
+     examples of A, never trained on: "A held-out", the guard set).
+  3. Update the half-A model on the rest of half B, for `--finetune-epoch-fraction` of the
+     epochs (like `rasa train --finetune --epoch-fraction`), in two ways:
+       plain        continue training on B only: no replay, no EWC, no guard;
+       ewc_replay   `ContinualLearner.learn` with the model's replay buffer, the EWC
+                    penalty (`--ewc-lambda`, several values allowed) and the guard.
+  4. Report, before and after each update: accuracy on A held-out (what is forgotten), on B
+     held-out (what is learnt) and on the full test split, plus wall time.
+
+Forgetting = accuracy on A held-out before the update minus after. Hyperparameters (lambda)
+are to be chosen on the held-out sets, never on test.
+
+Writes benchmarks/results/continual_<dataset>.json and .md. Resumable: the half-A model is
+saved under --work-dir and reused when its recipe (data hash, seed, epochs) matches.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import compare as C  # noqa: E402  (sibling module: dataset loading, machine description)
+
+DEFAULT_WORK = ROOT / "runs" / "continual"
+RESULTS = HERE / "results"
+
+
+def _examples(rows):
+    from slm360_rasa.train.data import Examples
+
+    return Examples.build([r.text for r in rows], [r.intent for r in rows],
+                          [[{"start": s, "end": e, "entity": lab} for s, e, lab in r.entities] for r in rows])
+
+
+def split_halves(train, seed: int):
+    """(half A, half B) of `train` (a list of compare.Example), stratified by intent."""
+    from slm360_rasa.train.data import stratified_sample
+
+    a = set(stratified_sample([r.intent for r in train], len(train) // 2, [seed, 7]).tolist())
+    half_a = [r for i, r in enumerate(train) if i in a]
+    half_b = [r for i, r in enumerate(train) if i not in a]
+    labels = {r.intent for r in train}
+    missing = sorted((labels - {r.intent for r in half_a}) | (labels - {r.intent for r in half_b}))
+    if missing:
+        raise C.CompareError(f"intents {missing[:5]} have too few examples to appear in both halves")
+    return half_a, half_b
+
+
+def accuracy(model, examples) -> float:
+    """Top-1 intent accuracy of `model` (served weights) on `examples`."""
+    from slm360_rasa.train.continual import intent_accuracy
+
+    return intent_accuracy(model, examples)
+
+
+def evaluate(model, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
+    """Accuracy on each named example set (None for an empty set)."""
+    return {name: round(accuracy(model, ex), 6) if len(ex) else None for name, ex in sets.items()}
+
+
+def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else round(a - b, 6)
+
+
+def _recipe_hash(ds, args) -> str:
+    h = hashlib.sha256(json.dumps({"data": ds.sha256, "seed": args.seed, "epochs": args.epochs,
+                                   "checkpoint": args.checkpoint}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run(args) -> dict:
+    """The whole experiment; returns the result dict (also written to disk)."""
+    from slm360_rasa.train.continual import ContinualLearner
+    from slm360_rasa.train.data import Examples, holdout_split
+    from slm360_rasa.train.finetune import FinetuneConfig, IntentEntityModel
+
+    ds = C.load_dataset(args.data_dir, args.dataset)
+    if args.quick:
+        ds = C.quick_subsample(ds, n_intents=4, per_intent=24, n_test=24)
+    half_a, half_b = split_halves(ds.train, args.seed)
+    b_all = _examples(half_b)
+    b_train, b_hold = holdout_split(b_all, 0.1, 500, [args.seed, 11])
+    test = _examples(ds.test)
+    work = Path(args.work_dir) / f"{ds.name}{'-quick' if args.quick else ''}"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = FinetuneConfig(epochs=args.epochs, random_seed=args.seed)
+    path_a = work / f"half_a_{_recipe_hash(ds, args)}.safetensors"
+    t0 = time.time()
+    if path_a.is_file():
+        _say(f"half-A model exists, reused: {path_a}")
+        model_a = IntentEntityModel.load(path_a)
+        time_a = json.loads(path_a.with_suffix(".json").read_text())["train_s"]
+    else:
+        _say(f"training on half A ({len(half_a)} examples, {args.epochs} epochs) ...")
+        a = _examples(half_a)
+        model_a = IntentEntityModel.from_pretrained(cfg, checkpoint=args.checkpoint)
+        model_a.fit(a.texts, a.intents, a.entities, progress=not args.no_progress)
+        time_a = round(time.time() - t0, 1)
+        model_a.save(path_a)
+        path_a.with_suffix(".json").write_text(json.dumps({"train_s": time_a}))
+    a_hold = model_a.holdout
+    sets = {"a_heldout": a_hold, "b_heldout": b_hold, "test": test}
+    before = evaluate(model_a, sets)
+    _say(f"half-A model: {before}")
+    epochs_b = max(1, round(args.epochs * args.finetune_epoch_fraction))
+    variants: List[dict] = []
+    plans = [("plain", None)] + [("ewc_replay", lam) for lam in args.ewc_lambda]
+    for name, lam in plans:
+        t1 = time.time()
+        if name == "plain":
+            prev = model_a.clone()
+            prev.replay = Examples()  # nothing replayed
+            learner = ContinualLearner(prev, epochs=epochs_b, ewc_lambda=0.0, max_forgetting=None,
+                                       holdout_fraction=0.0)
+        else:
+            learner = ContinualLearner(model_a.clone(), epochs=epochs_b, ewc_lambda=float(lam),
+                                       holdout_fraction=0.0)
+        _say(f"{name}{'' if lam is None else f' (lambda {lam:g})'}: updating on {len(b_train)} examples of half B "
+             f"for {epochs_b} epochs ...")
+        report = learner.learn(b_train.texts, b_train.intents, b_train.entities, progress=not args.no_progress)
+        seconds = round(time.time() - t1, 1)
+        # A refused update keeps the half-A weights; measure what the update would have given too.
+        after = evaluate(learner.model, sets)
+        rec = {"variant": name, "ewc_lambda": lam, "epochs": epochs_b, "seconds": seconds,
+               "n_replay": report.n_replay, "accepted": report.accepted, "guard": report.to_dict(),
+               "after": after,
+               "forgetting_a": _diff(before["a_heldout"], after["a_heldout"]),
+               "gain_b": _diff(after["b_heldout"], before["b_heldout"])}
+        variants.append(rec)
+        _say(f"{name}: {after}, forgetting on A {rec['forgetting_a']}, accepted={report.accepted}")
+    result = {
+        "schema": "slm360-continual/1", "dataset": ds.name, "quick": bool(args.quick), "seed": args.seed,
+        "machine": C.machine_description(),
+        "split": {"half_a": len(half_a), "half_b": len(half_b), "b_train": len(b_train), "b_heldout": len(b_hold),
+                  "a_heldout": len(a_hold), "test": len(test)},
+        "half_a_model": {"epochs": args.epochs, "train_s": time_a, "accuracy": before},
+        "variants": variants,
+    }
+    out = Path(args.out_dir) / f"continual_{ds.name}{'_quick' if args.quick else ''}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+    _say(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+    return result
+
+
+def markdown(r: dict) -> str:
+    """The result as a Markdown report."""
+    s, a = r["split"], r["half_a_model"]
+
+    def f(x, fmt=".4f"):
+        return "n/a" if x is None else format(x, fmt)
+
+    L = [f"# Continual learning on {r['dataset']}{' (QUICK MODE: not benchmark figures)' if r['quick'] else ''}", "",
+         f"Machine: {r['machine'].get('cpu')} ({r['machine'].get('cores_usable')} cores). Seed {r['seed']}. "
+         f"Half A: {s['half_a']} examples ({s['a_heldout']} of them held out by the model); half B: {s['half_b']} "
+         f"({s['b_heldout']} held out, {s['b_train']} trained on). Test: {s['test']}.", "",
+         f"Half-A model: {a['epochs']} epochs in {a['train_s']} s; accuracy A held-out {f(a['accuracy']['a_heldout'])}, "
+         f"B held-out {f(a['accuracy']['b_heldout'])}, test {f(a['accuracy']['test'])}.", "",
+         "| update on B | EWC lambda | replayed | epochs | time s | A held-out | forgetting on A | B held-out | "
+         "test | guard |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in r["variants"]:
+        lam = "-" if v["ewc_lambda"] is None else f"{v['ewc_lambda']:g}"
+        guard = "off" if v["guard"]["max_forgetting"] is None else ("accepted" if v["accepted"] else "REFUSED")
+        L.append(f"| {v['variant']} | {lam} | {v['n_replay']} | {v['epochs']} | {v['seconds']} | "
+                 f"{f(v['after']['a_heldout'])} | "
+                 f"{'n/a' if v['forgetting_a'] is None else format(100 * v['forgetting_a'], '+.2f') + ' pts'} | "
+                 f"{f(v['after']['b_heldout'])} | {f(v['after']['test'])} | {guard} |")
+    L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten). "
+          "The accuracies after a refused update are those of the candidate the guard refused.", ""]
+    return "\n".join(L)
+
+
+def _say(msg: str) -> None:
+    print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (see --help)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR, help="folder of dataset folders")
+    ap.add_argument("--dataset", default="banking77", help="dataset folder name (default banking77)")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of the half-A model (default 10)")
+    ap.add_argument("--finetune-epoch-fraction", type=float, default=0.5,
+                    help="update epochs = round(epochs x this), like rasa's --epoch-fraction (default 0.5)")
+    ap.add_argument("--ewc-lambda", type=float, action="append", default=None,
+                    help="EWC strength of the ewc_replay update (repeatable: one update per value; default 1)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--checkpoint", default=None, help="pretrained encoder (default: the shipped one)")
+    ap.add_argument("--quick", action="store_true", help="tiny subsample, for the test suite")
+    ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="where the half-A model is kept")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv=None) -> int:
+    """Command line entry point."""
+    args = build_parser().parse_args(argv)
+    args.ewc_lambda = args.ewc_lambda or [1.0]
+    if args.epochs < 1 or not 0 < args.finetune_epoch_fraction <= 10:
+        raise SystemExit("error: --epochs must be >= 1 and --finetune-epoch-fraction in (0, 10]")
+    if any(lam < 0 for lam in args.ewc_lambda):
+        raise SystemExit("error: --ewc-lambda must be >= 0")
+    os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
+    try:
+        run(args)
+    except C.CompareError as e:
+        raise SystemExit(f"error: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

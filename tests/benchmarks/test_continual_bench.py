@@ -1,0 +1,68 @@
+"""Smoke run of benchmarks/continual.py on a tiny dataset and a 2-layer checkpoint made here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "continual.py"
+
+PHRASES = {"book": "book a table for {n} people tonight", "hours": "are you open at {n} o'clock",
+           "menu": "show me dish number {n} on the menu"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from slm360_rasa.nano.checkpoint import save_checkpoint
+    from slm360_rasa.nano.config import NanoConfig
+    from slm360_rasa.nano.model import init_params
+    from slm360_rasa.nano.tokenizer import NanoTokenizer
+
+    tmp = tmp_path_factory.mktemp("continual")
+    cfg = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
+    ckpt = save_checkpoint(tmp / "small.safetensors", init_params(cfg, seed=0), cfg, NanoTokenizer.load().sha256)
+    folder = tmp / "data" / "tiny"
+    folder.mkdir(parents=True)
+    for split, numbers in (("train", range(2, 42)), ("test", range(50, 56))):
+        rows = [{"text": p.format(n=n), "intent": i, "entities": []} for i, p in PHRASES.items() for n in numbers]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return tmp, ckpt
+
+
+def _run(tmp, ckpt):
+    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+           "--epochs", "2", "--ewc-lambda", "1", "--ewc-lambda", "100", "--work-dir", str(tmp / "work"),
+           "--out-dir", str(tmp / "out"), "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+
+
+def test_continual_experiment_reports_every_variant_and_resumes(setup):
+    tmp, ckpt = setup
+    run = _run(tmp, ckpt)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads((tmp / "out" / "continual_tiny.json").read_text())
+    s = r["split"]
+    assert s["half_a"] == s["half_b"] == 60 and s["b_train"] + s["b_heldout"] == 60 and s["test"] == 18
+    assert s["a_heldout"] > 0 and s["b_heldout"] > 0
+    plain, *ewc = r["variants"]
+    assert plain["variant"] == "plain" and plain["n_replay"] == 0 and plain["guard"]["max_forgetting"] is None
+    assert [v["ewc_lambda"] for v in ewc] == [1.0, 100.0] and all(v["n_replay"] > 0 for v in ewc)
+    assert all(v["epochs"] == 1 for v in r["variants"])  # round(2 x 0.5)
+    for v in r["variants"]:
+        assert v["forgetting_a"] == pytest.approx(r["half_a_model"]["accuracy"]["a_heldout"] - v["after"]["a_heldout"])
+    md = (tmp / "out" / "continual_tiny.md").read_text()
+    assert "| plain |" in md and "| ewc_replay | 100 |" in md
+    again = _run(tmp, ckpt)
+    assert again.returncode == 0 and "half-A model exists, reused" in again.stderr
+
+
+def test_help_and_bad_arguments():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "forgetting" in out.stdout.lower()
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--ewc-lambda", "-1"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "--ewc-lambda" in bad.stderr
