@@ -267,6 +267,9 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             fastpath = _load_fastpath(model_dir / FASTPATH_FILE)
         finally:
             reader.__exit__(None, None, None)
+        # Compile (or load from numba's cache) the serving kernels here, at `rasa run` start-up:
+        # otherwise the first user message pays for it (up to ~30 s on a fresh install).
+        logger.debug("SLM360Classifier: encoder warmed up in %.2f s", model.warm_up())
         component = cls(config, model_storage, resource, execution_context, model=model)
         component._fastpath = fastpath
         return component

@@ -24,14 +24,15 @@ interleaved q4_0x8 repacks. Why: SIMD lanes then run across 32 output rows, so
 
 - dequantizing k-pair i of a tile is a contiguous 32-byte load, two nibble splits and an
   FMA with the scale *vector* scales_t[t, i // 16] (no per-block broadcast, no gather);
-- the product is the classic rank-1-update micro-kernel: for each k, broadcast
-  x[n..n+3, k] and FMA with the 32 dequantized weights into 4 x 32 accumulators that
-  live in 16 ymm registers for the whole k loop (no horizontal reductions).
+- the product is the classic rank-1-update micro-kernel (`_rank1_4x32`): for each k,
+  broadcast x[n..n+3, k] and FMA with the 32 dequantized weights into 4 x 32 accumulators
+  that live in 8 zmm registers for the whole k loop (no horizontal reductions).
 
 `matmul_q4` dequantizes Q4_KCHUNK inputs of a tile at a time into an f32 stack buffer
 (Q4_KCHUNK x 32, in L1) and reuses it for all tokens of a Q4_TOKEN_CHUNK, so unpacking
 costs once per chunk, not once per token. numba/LLVM notes that shaped this code (SLP
-vectorization is off in numba, so only innermost loops vectorize): the 32-wide inner
+vectorization is off in numba, so only innermost loops vectorize, and only 256 bits wide
+on Cascade Lake: the FMA micro-kernel is therefore explicit 512-bit IR): the 32-wide inner
 loops must keep a constant trip count with enough work per iteration that LLVM does not
 fully unroll them before vectorizing; scratch arrays are stack allocas (`_stack_f32`) so
 LLVM knows they alias nothing (no runtime overlap checks; accumulators promoted to
@@ -43,6 +44,7 @@ The token embedding table keeps the planar layout (rows are gathered, not multip
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -56,9 +58,11 @@ SERIAL_ROWS = 128  # below this many tokens, element-wise kernels do not fork th
 ATT_TILE = 32  # attention: columns of the micro-kernel's accumulator rows (see _attention_job)
 ATT_TILE_U = np.uint64(ATT_TILE)  # the same, unsigned (see _attention_job)
 ATT_ACC_SIZE = 4 * ATT_TILE  # stack floats for its accumulators
+MK_WIDTH = 32  # micro-kernel columns (= Q4_TILE = ATT_TILE)
+MK_LANES = 16  # float32 lanes per explicit vector in _rank1_4x32 (one zmm register)
 Q4_TILE = 32  # INT4: weight rows per tile = vector lanes (4 x 8 floats)
 Q4_KCHUNK = 128  # INT4: inputs dequantized at a time (multiple of QK); x Q4_TILE f32 = 16 KiB
-Q4_TOKEN_CHUNK = 256  # INT4: tokens per dequantization of a tile
+Q4_TOKEN_CHUNK = 64  # INT4: tokens per job (one dequantization of a tile chunk serves them all)
 Q4_WT_SIZE = Q4_KCHUNK * Q4_TILE  # stack floats for a dequantized chunk
 Q4_ACC_SIZE = 4 * Q4_TILE  # stack floats for the micro-kernel accumulators
 
@@ -195,6 +199,99 @@ def matmul_f32(x, w, out):
 
 
 @intrinsic
+def _rank1_4x32(typingctx, acc, w, w_row, w_col, kn, x, n0, n1, n2, n3, x_col):
+    """acc[i, r] += sum over k < kn of x[n_i, x_col + k] * w[w_row + k, w_col + r] for i < 4, r < 32.
+
+    The micro-kernel of the INT4 matmul and of attention, written as LLVM IR on <16 x float>
+    vectors. Why not a numba loop: numba's LLVM targets Cascade Lake with a preferred vector
+    width of 256 bits, so its vectorizer never uses the 512-bit registers. Explicit 16-lane
+    vectors are lowered to zmm FMAs where AVX-512 exists (measured 1.3-1.45x faster on the
+    w13 matmul) and split into ymm or xmm halves elsewhere, with the same result: every lane
+    sums its k terms in order 0..kn-1, exactly as the scalar loop did (outputs bit-identical).
+
+    acc: (4, 32) float32 (rows may be strided); w rows w_row.. and x rows n0..n3 must be
+    contiguous along the 32 columns / the kn inputs. The 8 accumulators (4 rows x 2 halves)
+    stay in registers for the whole k loop; acc is read once before and written once after.
+    """
+    if not (isinstance(acc, types.Array) and isinstance(w, types.Array) and isinstance(x, types.Array)):
+        return None
+    ints = (w_row, w_col, kn, n0, n1, n2, n3, x_col)
+    if not all(isinstance(t, types.Integer) for t in ints):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_v, w_v, w_row_v, w_col_v, kn_v, x_v, n0_v, n1_v, n2_v, n3_v, x_col_v = args
+        vty = ir.VectorType(ir.FloatType(), MK_LANES)
+        vpt = vty.as_pointer()
+        i64 = ir.IntType(64)
+        halves = MK_WIDTH // MK_LANES
+
+        def as_i64(i):
+            return context.cast(builder, args[i], sig.args[i], types.int64)
+
+        def item(ai, array, inds):
+            return cgutils.get_item_pointer(context, builder, sig.args[ai], array, inds)
+
+        acc_a = context.make_array(sig.args[0])(context, builder, acc_v)
+        w_a = context.make_array(sig.args[1])(context, builder, w_v)
+        x_a = context.make_array(sig.args[5])(context, builder, x_v)
+        four = ir.Constant(i64, 4)  # bytes per float32: strides are in bytes
+        acc_stride = builder.sdiv(builder.extract_value(acc_a.strides, 0), four)
+        w_stride = builder.sdiv(builder.extract_value(w_a.strides, 0), four)
+        acc0 = item(0, acc_a, [ir.Constant(i64, 0), ir.Constant(i64, 0)])
+        w0 = item(1, w_a, [as_i64(2), as_i64(3)])
+        xs = [item(5, x_a, [as_i64(6 + i), as_i64(10)]) for i in range(4)]
+        slots = [builder.bitcast(builder.gep(acc0, [builder.add(builder.mul(ir.Constant(i64, i), acc_stride),
+                                                                ir.Constant(i64, h * MK_LANES))]), vpt)
+                 for i in range(4) for h in range(halves)]
+        init = [builder.load(p, align=4) for p in slots]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]),
+                                             f"llvm.fma.v{MK_LANES}f32")
+        splat = ir.Constant(ir.VectorType(ir.IntType(32), MK_LANES), [0] * MK_LANES)
+        undef = ir.Constant(vty, ir.Undefined)
+        n_k = as_i64(4)
+        entry = builder.basic_block
+        loop = builder.append_basic_block("rank1.loop")
+        done = builder.append_basic_block("rank1.done")
+        builder.cbranch(builder.icmp_signed(">", n_k, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        accs = []
+        for v in init:
+            phi = builder.phi(vty)
+            phi.add_incoming(v, entry)
+            accs.append(phi)
+        w_row_ptr = builder.gep(w0, [builder.mul(k, w_stride)])
+        ws = [builder.load(builder.bitcast(builder.gep(w_row_ptr, [ir.Constant(i64, h * MK_LANES)]), vpt), align=4)
+              for h in range(halves)]
+        new = []
+        for i in range(4):
+            xv = builder.load(builder.gep(xs[i], [k]))
+            xb = builder.shuffle_vector(builder.insert_element(undef, xv, ir.Constant(ir.IntType(32), 0)), undef, splat)
+            new += [builder.call(fma, [xb, ws[h], accs[i * halves + h]]) for h in range(halves)]
+        k1 = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(k1, loop)
+        for phi, v in zip(accs, new):
+            phi.add_incoming(v, loop)
+        builder.cbranch(builder.icmp_signed("<", k1, n_k), loop, done)
+
+        builder.position_at_end(done)
+        outs = []
+        for v0, v1 in zip(init, new):  # all phis first: LLVM wants them at the top of the block
+            phi = builder.phi(vty)
+            phi.add_incoming(v0, entry)
+            phi.add_incoming(v1, loop)
+            outs.append(phi)
+        for p, v in zip(slots, outs):
+            builder.store(v, p, align=4)
+        return context.get_dummy_value()
+
+    return types.void(acc, w, w_row, w_col, kn, x, n0, n1, n2, n3, x_col), codegen
+
+
+@intrinsic
 def _stack_f32(typingctx, n):
     """Pointer to `n` float32 on the stack (n must be a literal int).
 
@@ -245,7 +342,7 @@ def _q4_tile(x, codes, scales, t, c0, c1, out):
     rows_u = np.uint64(min(Q4_TILE, M - m0))
     zero = np.float32(Q4_ZERO)
     wt = carray(_stack_f32(Q4_WT_SIZE), (Q4_KCHUNK, Q4_TILE))  # w.T chunk, f32
-    acc = carray(_stack_f32(Q4_ACC_SIZE), (4, Q4_TILE))  # 4 tokens x 32 rows = 16 ymm
+    acc = carray(_stack_f32(Q4_ACC_SIZE), (4, Q4_TILE))  # 4 tokens x 32 rows
     for kc0 in range(0, K, Q4_KCHUNK):
         kn = min(Q4_KCHUNK, K - kc0)
         # Dequantize inputs kc0:kc0+kn of the tile's 32 rows. Lanes run across rows, so the
@@ -263,10 +360,9 @@ def _q4_tile(x, codes, scales, t, c0, c1, out):
                     hi = np.float32(np.right_shift(byte, np.uint8(4)))
                     wt[bb * QK + j, r] = lo * d + off
                     wt[bb * QK + HALF_QK + j, r] = hi * d + off
-        # 4 tokens at a time: acc[i, :] += x[n + i, k] * wt[k, :], a rank-1 update per k:
-        # 4 weight loads + 4 broadcasts feed 16 ymm FMAs (~78 GFLOP/s on one Cascade Lake
-        # core from L1; 6 tokens x 32 rows measured slower). The 32-wide r loop must stay a
-        # loop until LLVM vectorizes it: keep its trip count constant and its body this big.
+        # 4 tokens at a time: acc[i, :] += x[n + i, k] * wt[k, :], a rank-1 update per k
+        # (`_rank1_4x32`: 2 weight loads + 4 broadcasts feed 8 zmm FMAs; 6 tokens x 32
+        # rows measured slower as a numba loop).
         n = c0
         while n < c1:
             nt = min(4, c1 - n)
@@ -283,17 +379,7 @@ def _q4_tile(x, codes, scales, t, c0, c1, out):
             n1 = min(n + 1, c1 - 1)
             n2 = min(n + 2, c1 - 1)
             n3 = min(n + 3, c1 - 1)
-            for k in range(kn):
-                x0 = x[n, kc0 + k]
-                x1 = x[n1, kc0 + k]
-                x2 = x[n2, kc0 + k]
-                x3 = x[n3, kc0 + k]
-                for r in range(Q4_TILE):
-                    w = wt[k, r]
-                    acc[0, r] += x0 * w
-                    acc[1, r] += x1 * w
-                    acc[2, r] += x2 * w
-                    acc[3, r] += x3 * w
+            _rank1_4x32(acc, wt, 0, 0, kn, x, n, n1, n2, n3, kc0)
             for i in range(nt):
                 for r in range(rows_u):
                     out[n + i, m0_u + r] = acc[i, r]
@@ -309,10 +395,15 @@ def matmul_q4(x, codes, scales, out):
     N, K = x.shape
     if codes.shape[0] and (2 * codes.shape[1] != K or scales.shape[1] * QK != K):
         raise ValueError("matmul_q4: x and the tiled Q4 weights disagree on the input width")
-    for c0 in range(0, N, Q4_TOKEN_CHUNK):
-        c1 = min(N, c0 + Q4_TOKEN_CHUNK)
-        for t in prange(codes.shape[0]):
-            _q4_tile(x, codes, scales, t, c0, c1, out)
+    # One parallel loop over (token chunk, tile) jobs: a batch gives the threads many small
+    # jobs instead of a few whole tiles (wo and w2 have only 8), so a thread that starts
+    # late or is preempted delays the barrier by one job, not by a quarter of the matmul.
+    T = codes.shape[0]
+    n_chunks = (N + Q4_TOKEN_CHUNK - 1) // Q4_TOKEN_CHUNK
+    for job in prange(n_chunks * T):
+        c = job // T
+        c0 = c * Q4_TOKEN_CHUNK
+        _q4_tile(x, codes, scales, job - c * T, c0, min(N, c0 + Q4_TOKEN_CHUNK), out)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -387,14 +478,13 @@ def rope_serial(qkv, positions, cos, sin, n_rot_heads, head_dim):
 def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
     """Attention of one (sequence, query head) pair; see `attention`.
 
-    Both products (scores = Q K^T and out = P V) run the register-tiled micro-kernel of
-    `_q4_tile`: 4 query rows x ATT_TILE columns of accumulators on the stack, one broadcast
-    per row and one ATT_TILE-wide FMA row per step of the reduction. The columns (keys for
-    the scores, head dimensions for the output) are zero-padded to multiples of ATT_TILE,
-    so every inner loop has a constant trip count that LLVM vectorizes, whatever the
-    sequence length; with plain loops a 12-token sequence spent its time entering 12-wide
-    loops (runtime alias and trip-count checks), not multiplying. Padded keys get scores
-    that are never read, padded dimensions outputs that are never stored.
+    Both products (scores = Q K^T and out = P V) run the micro-kernel of the INT4 matmul,
+    `_rank1_4x32`: 4 query rows x ATT_TILE columns of accumulators, one broadcast per row and
+    one ATT_TILE-wide FMA row per step of the reduction. The columns (keys for the scores,
+    head dimensions for the output) are zero-padded to multiples of ATT_TILE, so the work is
+    whole vectors whatever the sequence length; with plain loops a 12-token sequence spent
+    its time entering 12-wide loops (runtime alias and trip-count checks), not multiplying.
+    Padded keys get scores that are never read, padded dimensions outputs never stored.
     """
     C = n_heads * head_dim
     kvd = n_kv_heads * head_dim
@@ -425,22 +515,12 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
         # dimensions in order 0..D-1: results do not depend on the batch.
         for j0 in range(0, Tp, ATT_TILE):
             # Unsigned column index j0u + r (both uint64): numba then adds no negative-index
-            # wraparound, which would turn the row loads into gathers (as in _q4_tile).
+            # wraparound, which would turn the row copy into a scatter (as in _q4_tile).
             j0u = np.uint64(j0)
             for i in range(4):
                 for r in range(ATT_TILE):
                     acc[i, r] = 0.0
-            for d in range(head_dim):
-                a0 = q[i0, d]
-                a1 = q[i0 + 1, d]
-                a2 = q[i0 + 2, d]
-                a3 = q[i0 + 3, d]
-                for r in range(ATT_TILE_U):
-                    w = kt[d, j0u + r]
-                    acc[0, r] += a0 * w
-                    acc[1, r] += a1 * w
-                    acc[2, r] += a2 * w
-                    acc[3, r] += a3 * w
+            _rank1_4x32(acc, kt, 0, j0, head_dim, q, i0, i0 + 1, i0 + 2, i0 + 3, 0)
             for i in range(4):
                 for r in range(ATT_TILE_U):
                     p[i0 + i, j0u + r] = acc[i, r]
@@ -459,21 +539,10 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
                 p[i, j] *= inv
         # out rows i0..i0+3 = P V, ATT_TILE head dimensions at a time.
         for d0 in range(0, Dp, ATT_TILE):
-            d0u = np.uint64(d0)
             for i in range(4):
                 for r in range(ATT_TILE):
                     acc[i, r] = 0.0
-            for j in range(T):
-                a0 = p[i0, j]
-                a1 = p[i0 + 1, j]
-                a2 = p[i0 + 2, j]
-                a3 = p[i0 + 3, j]
-                for r in range(ATT_TILE_U):
-                    w = v[j, d0u + r]
-                    acc[0, r] += a0 * w
-                    acc[1, r] += a1 * w
-                    acc[2, r] += a2 * w
-                    acc[3, r] += a3 * w
+            _rank1_4x32(acc, v, 0, d0, T, p, i0, i0 + 1, i0 + 2, i0 + 3, 0)
             for i in range(min(4, T - i0)):
                 for r in range(min(ATT_TILE, head_dim - d0)):
                     out[s0 + i0 + i, qo + d0 + r] = acc[i, r]

@@ -435,6 +435,13 @@ class IntentEntityModel:
                 out[i] = Hd.linear_head_forward(s.states.mean(axis=0)[None], self.heads, INTENT)[0]
         return out
 
+    def warm_up(self) -> float:
+        """Run one short prediction so numba compiles (or loads from its cache) every kernel of
+        the serving path now rather than on the first real message; returns the seconds taken."""
+        t0 = time.perf_counter()
+        self.predict(["warm up the encoder"])
+        return time.perf_counter() - t0
+
     def predict(self, texts: Sequence[str]) -> List[Prediction]:
         """Intent probabilities (calibrated: softmax(logits / temperature)) and entities for
         each text (one batched encoder call)."""

@@ -27,7 +27,8 @@ def test_matmul_f32(rng, N, M_, Kd):
 
 
 # Shapes cover: partial row tiles (M % Q4_TILE), several K chunks with a short last one
-# (704 = 5 * 128 + 64), token tails (N % 4) and more than one token chunk (N > 256).
+# (704 = 5 * 128 + 64), token tails (N % 4) and several token chunks (N > Q4_TOKEN_CHUNK = 64,
+# 67 and 301 with a partial last one).
 @pytest.mark.parametrize("N,M_,Kd", [(1, 4, 32), (7, 10, 64), (67, 9, 704), (12, 64, 256),
                                      (3, 33, 288), (301, 40, 160)])
 def test_matmul_q4_matches_dequantized_reference(rng, N, M_, Kd):
@@ -124,6 +125,23 @@ def test_attention_tiles_and_padding(rng, D, T):
     v = qkv[:, (H + KV) * D:].reshape(1, T, KV, D)
     ref, _ = M.attention_forward(q, k, v, np.ones((1, T)))
     np.testing.assert_allclose(out, ref[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kn", [0, 1, 37])
+def test_rank1_micro_kernel_on_offset_strided_operands(rng, kn):
+    from numba import njit
+
+    @njit
+    def run(acc, w, w_row, w_col, kn, x, rows, x_col):
+        K._rank1_4x32(acc, w, w_row, w_col, kn, x, rows[0], rows[1], rows[2], rows[3], x_col)
+
+    w = rng.standard_normal((50, 70)).astype(np.float32)  # row stride 70, columns from 5
+    x = rng.standard_normal((9, 60)).astype(np.float32)
+    rows = np.array([7, 2, 2, 0])  # any rows, repeats allowed
+    acc = rng.standard_normal((4, 32)).astype(np.float32)
+    expect = acc.astype(np.float64) + x[rows, 3:3 + kn].astype(np.float64) @ w[4:4 + kn, 5:37]
+    run(acc, w, 4, 5, kn, x, rows, 3)
+    np.testing.assert_allclose(acc, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_exp_matches_libm_over_the_float32_range():

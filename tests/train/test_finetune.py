@@ -75,6 +75,15 @@ def test_save_load_round_trip_gives_identical_predictions(checkpoint, tmp_path):
     assert m2.intents == m.intents and m2.tags == m.tags
 
 
+def test_warm_up_builds_the_serving_encoder_before_the_first_message(checkpoint, tmp_path):
+    path = _fit(checkpoint, epochs=1).save(tmp_path / "m.safetensors")
+    m = IntentEntityModel.load(path)
+    before = m.predict(["when do you open"])[0].intent_probs
+    fresh = IntentEntityModel.load(path)
+    assert fresh.warm_up() > 0 and fresh.encoder is not None
+    np.testing.assert_array_equal(fresh.predict(["when do you open"])[0].intent_probs, before)
+
+
 def test_single_intent_no_entities_and_one_example(checkpoint):
     m = _fit(checkpoint, data=[("hello there", "greet", [])], epochs=2)
     p = m.predict(["hi"])[0]
