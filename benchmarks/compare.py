@@ -798,6 +798,13 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
          f"archive {result['model_mb']:.2f} MB; evaluating "
          f"{' + '.join(str(len(x)) for x in eval_splits(ds))} messages (test, oos_test, valid, oos_valid) ...")
 
+    return evaluate_archive(ds, archive, work, env, args, result, train, out_path, load_start)
+
+
+def evaluate_archive(ds: Dataset, archive: Path, work: Path, env: dict, args, result: dict, train: dict,
+                     out_path: Path, load_start) -> dict:
+    """Steps 3-4 of the protocol for a trained archive: parse in a fresh process, summarize,
+    save `result` (which already holds the training figures `train`)."""
     # Warm-up texts come from the training data, so no test message is ever parsed twice.
     rng = random.Random(SEED + 2)
     warm = [ds.train[i].text for i in rng.sample(range(len(ds.train)), min(WARMUP_MESSAGES, len(ds.train)))]
@@ -829,6 +836,37 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
                   eval_process={k: ev[k] for k in ("wall_s", "cpu_s", "peak_rss_mb", "rc")},
                   per_message=per_message, oos_per_message=oos, reliability=reliability, **valid_records)
     return _finish(result, out_path, load_start)
+
+
+def reevaluate_pair(ds: Dataset, system: str, args, out_path: Path) -> dict:
+    """Parse the test messages again with the archive an earlier run trained (same data), e.g.
+    after a change to the serving code; training figures are kept and the result says so."""
+    try:
+        prev = json.loads(out_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CompareError(f"--reeval: no readable result {out_path} ({e}); run the pair first") from None
+    name = f"{ds.name}__{system}"
+    if prev.get("status") != "ok" or (prev.get("data") or {}).get("sha256") != ds.sha256 \
+            or (prev.get("data") or {}).get("subsample") != ds.subsample:
+        raise CompareError(f"--reeval: {out_path} is not an ok result on this data; run the pair first")
+    archive = Path(prev["archive"])
+    archive = archive if archive.is_absolute() else ROOT / archive
+    if not archive.is_file():
+        raise CompareError(f"--reeval: the trained model {archive} is gone; run the pair again (without --reeval)")
+    work = Path(args.work_dir) / name
+    work.mkdir(parents=True, exist_ok=True)
+    env = child_env(work, args.env)
+    history = list(prev.get("reevaluations", [])) + [{
+        "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "previous": {k: (prev.get("metrics") or {}).get(k) for k in
+                     ("accuracy", "parse_p50_ms", "parse_p99_ms", "serve_peak_rss_mb", "load_s")},
+        "previous_finished": prev.get("finished")}]
+    result = {k: v for k, v in prev.items() if k not in ("metrics", "eval", "eval_process", "per_message",
+                                                       "oos_per_message", "reliability", "valid_per_message",
+                                                       "oos_valid_per_message", "finished", "loadavg")}
+    result["reevaluations"] = history
+    _say(f"{name}: re-evaluating the model trained {prev.get('started')} ({archive.name}) ...")
+    return evaluate_archive(ds, archive, work, env, args, result, prev["train"], out_path, os.getloadavg())
 
 
 def _finish(result: dict, out_path: Path, load_start) -> dict:
@@ -893,6 +931,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "subset (default); failed pairs are re-run")
     ap.add_argument("--no-resume", dest="resume", action="store_false", help="run every pair again")
     ap.add_argument("--force", action="store_true", help="re-run pairs even if their results exist (= --no-resume)")
+    ap.add_argument("--reeval", action="store_true",
+                    help="do not train: parse the test messages again with each pair's saved model (after a "
+                         "change to the serving code); training figures are kept, the result lists the re-runs")
     ap.add_argument("--train-timeout", type=float, default=None, metavar="S", help="kill training after S seconds")
     ap.add_argument("--eval-timeout", type=float, default=None, metavar="S", help="kill evaluation after S seconds")
     return ap
@@ -963,6 +1004,10 @@ def _run(args) -> int:
         for system in args.systems:
             done += 1
             out_path = results_dir / f"{name}__{system}.json"
+            if args.reeval:
+                _say(f"[{done}/{total}] {name}__{system} (re-evaluation)")
+                failed += reevaluate_pair(ds, system, args, out_path)["status"] != "ok"
+                continue
             if resume and out_path.is_file():
                 try:
                     prev = json.loads(out_path.read_text(encoding="utf-8"))

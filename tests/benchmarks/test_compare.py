@@ -489,6 +489,19 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
     assert again.returncode == 0 and again.stderr.count("skipped") == 2
 
+    # --reeval parses again with the saved model: training figures kept, the re-run listed.
+    before = json.loads((results / "tiny__slm360.json").read_text())
+    cmd_reeval = list(cmd) + ["--reeval"]
+    cmd_reeval[cmd_reeval.index("--systems") + 1] = "slm360"
+    reeval = subprocess.run(cmd_reeval, capture_output=True, text=True, env=_env(), timeout=300)
+    assert reeval.returncode == 0, reeval.stderr[-3000:]
+    after = json.loads((results / "tiny__slm360.json").read_text())
+    assert after["status"] == "ok" and after["train"] == before["train"] and after["started"] == before["started"]
+    assert len(after["reevaluations"]) == 1
+    assert after["reevaluations"][0]["previous"]["accuracy"] == before["metrics"]["accuracy"]
+    assert after["metrics"]["train_wall_s"] == before["metrics"]["train_wall_s"]
+    assert len(after["per_message"]["latency_ms"]) == 5
+
     out = results / "RESULTS.md"
     rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results-dir", str(results)],
                          capture_output=True, text=True, env=_env(), timeout=300)
