@@ -81,6 +81,14 @@ for _i in range(128):
     _cat = unicodedata.category(_c)
     _ASCII_FOLD.append(_SEP if (_c.isspace() or _cat[0] == "P" or _cat in ("Cc", "Cf")) else _c.lower())
 del _i, _c, _cat
+# The same fold as a str.translate table: for pure-ASCII text (most bot traffic) `match`
+# normalises at C speed and builds the per-character spans only when a hit needs them.
+_ASCII_TABLE = {i: f for i, f in enumerate(_ASCII_FOLD)}
+
+
+def _normalize_ascii(text: str) -> str:
+    """`_normalize_spans(text)[0]` for an ASCII `text`, without the spans."""
+    return _SEP.join(text.translate(_ASCII_TABLE).split())
 
 
 def _is_separator(ch: str) -> bool:
@@ -331,13 +339,19 @@ class FastPath:
         """The pattern answer for `text`, or None. Never raises on odd input."""
         if not isinstance(text, str) or not (self.exact or self.rules):
             return None
-        norm, starts, ends = _normalize_spans(text)
+        starts = ends = None
+        if text.isascii():
+            norm = _normalize_ascii(text)
+        else:
+            norm, starts, ends = _normalize_spans(text)
         if not norm:
             return None
         exact = self.exact.get(norm)
         if exact is not None:
             ents = None
             if exact.entities is not None:
+                if starts is None and exact.entities:
+                    _, starts, ends = _normalize_spans(text)
                 ents = []
                 for s, e, entity, extra in exact.entities:
                     a, b = starts[s], ends[e - 1]

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slm360_rasa import fastpath as FP
 from slm360_rasa.fastpath import (EXACT_CONFIDENCE, FORMAT_NAME, FORMAT_VERSION, FastPath, FastPathConfig,
                                   FastPathHit, arbitrate, normalize)
 
@@ -63,6 +64,12 @@ def test_normalize_invariants_on_any_text(text):
 def _entity(text, value, label, **extra):
     s = text.index(value)
     return {"start": s, "end": s + len(value), "value": value, "entity": label, **extra}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
+def test_ascii_fast_normalisation_equals_the_general_one(text):
+    assert FP._normalize_ascii(text) == FP._normalize_spans(text)[0]
 
 
 def test_exact_hit_maps_entities_to_the_callers_text():

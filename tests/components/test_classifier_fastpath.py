@@ -112,6 +112,8 @@ def test_other_text_goes_through_the_encoder(agent, predict_calls):
 
 def test_hybrid_batches_misses_into_one_encoder_call(fp_model, tmp_path, predict_calls):
     clf = _component(fp_model, tmp_path)
+    assert predict_calls == [["warm up the encoder"]]  # load compiles the serving path once
+    predict_calls.clear()
     msgs = clf.process(_messages("what time do you close?", "anything else", "", "When do you OPEN"))
     assert predict_calls == [["anything else", ""]]
     assert [m.get("intent")["name"] for m in msgs][0::3] == ["opening_hours", "opening_hours"]
@@ -120,6 +122,7 @@ def test_hybrid_batches_misses_into_one_encoder_call(fp_model, tmp_path, predict
 
 def test_semantic_mode_does_not_use_the_fast_path(fp_model, tmp_path, predict_calls):
     clf = _component(fp_model, tmp_path, mode="semantic")
+    predict_calls.clear()  # the warm-up at load
     (msg,) = clf.process(_messages("book a table for 4 people"))
     assert predict_calls == [["book a table for 4 people"]]
     # Two epochs on a random 2-layer encoder: nowhere near the fast path's certainty.
@@ -128,6 +131,7 @@ def test_semantic_mode_does_not_use_the_fast_path(fp_model, tmp_path, predict_ca
 
 def test_pattern_mode_never_runs_the_encoder(fp_model, tmp_path, predict_calls):
     clf = _component(fp_model, tmp_path, mode="pattern")
+    predict_calls.clear()  # the warm-up at load
     exact, rule, lookup, miss = clf.process(_messages(
         "Show me the MENU!", "are you open late on friday", "any desserts tonight", "play some jazz"))
     assert predict_calls == []
@@ -141,6 +145,7 @@ def test_pattern_mode_never_runs_the_encoder(fp_model, tmp_path, predict_calls):
 
 def test_hybrid_rule_hit_still_runs_the_encoder(fp_model, tmp_path, predict_calls):
     clf = _component(fp_model, tmp_path)
+    predict_calls.clear()  # the warm-up at load
     (msg,) = clf.process(_messages("are you open late on friday"))
     assert predict_calls == [["are you open late on friday"]]
     assert msg.get("intent")["name"] == "opening_hours"
@@ -177,6 +182,7 @@ def test_old_model_without_fastpath_json_still_parses(fp_model, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="slm360_rasa"):
         agent = Agent.load(old)
     assert "fastpath.json" in caplog.text
+    predict_calls.clear()  # the warm-up at load
     out = _parse(agent, "book a table for 4 people")
     assert len(predict_calls) == 1 and out["intent"]["name"] in {"book_table", "opening_hours", "menu"}
 
@@ -206,6 +212,7 @@ def test_hit_on_an_intent_the_model_lacks_falls_back_to_the_encoder(fp_model, tm
     from slm360_rasa.fastpath import FastPath
 
     clf = _component(fp_model, tmp_path)
+    predict_calls.clear()  # the warm-up at load
     clf._fastpath = FastPath.build(["hello there"], ["greet"])  # "greet" is no intent of the model
     (msg,) = clf.process(_messages("Hello there!"))
     assert predict_calls == [["Hello there!"]]
