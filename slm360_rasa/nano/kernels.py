@@ -36,8 +36,8 @@ on Cascade Lake: the FMA micro-kernel is therefore explicit 512-bit IR): the 32-
 loops must keep a constant trip count with enough work per iteration that LLVM does not
 fully unroll them before vectorizing; scratch arrays are stack allocas (`_stack_f32`) so
 LLVM knows they alias nothing (no runtime overlap checks; accumulators promoted to
-registers); integer nibble ops use np.bitwise_and/np.right_shift, which stay uint8
-(Python operators widen to int64 and vectorize as slow 8-lane qword code).
+registers). The two hot loops, dequantization (`_dequant_q4_block`) and the FMA
+micro-kernel (`_rank1_4x32`), are explicit 16-lane LLVM IR instead of numba loops.
 
 The token embedding table keeps the planar layout (rows are gathered, not multiplied).
 """
@@ -292,6 +292,68 @@ def _rank1_4x32(typingctx, acc, w, w_row, w_col, kn, x, n0, n1, n2, n3, x_col):
 
 
 @intrinsic
+def _dequant_q4_block(typingctx, codes, scales, t, blk, wt, row0):
+    """wt[row0 + i, r] = weight i of block `blk` of row r of tile t, for i < QK, r < 32.
+
+    One Q4 block of a tile in the layout of `repack_q4`: byte j (< HALF_QK) of each row holds
+    weights j (low nibble) and j + 16 (high nibble); weight = (code - 8) * scale. Written as
+    LLVM IR on 16-lane vectors for the same reason as `_rank1_4x32` (numba's vectorizer stops
+    at 256 bits): per byte row, two 16-byte loads, nibble masks, zero-extension and
+    conversion to float, one FMA with the block's scales each (code * d + (-8 d), exact in
+    float32 like the scalar loop it replaces), four 16-float stores.
+    """
+    if not (isinstance(codes, types.Array) and isinstance(scales, types.Array) and isinstance(wt, types.Array)):
+        return None
+    if not all(isinstance(x, types.Integer) for x in (t, blk, row0)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        codes_v, scales_v, t_v, blk_v, wt_v, row0_v = args
+        lanes = MK_LANES
+        halves = MK_WIDTH // lanes
+        i64 = ir.IntType(64)
+        f32v = ir.VectorType(ir.FloatType(), lanes)
+        i8v = ir.VectorType(ir.IntType(8), lanes)
+        i32v = ir.VectorType(ir.IntType(32), lanes)
+
+        def as_i64(i):
+            return context.cast(builder, args[i], sig.args[i], types.int64)
+
+        c_a = context.make_array(sig.args[0])(context, builder, codes_v)
+        s_a = context.make_array(sig.args[1])(context, builder, scales_v)
+        w_a = context.make_array(sig.args[4])(context, builder, wt_v)
+        t64, blk64, row64 = as_i64(2), as_i64(3), as_i64(5)
+        zero = ir.Constant(i64, 0)
+        sp = cgutils.get_item_pointer(context, builder, sig.args[1], s_a, [t64, blk64, zero])
+        d = [builder.load(builder.bitcast(builder.gep(sp, [ir.Constant(i64, h * lanes)]), f32v.as_pointer()), align=4)
+             for h in range(halves)]
+        off = [builder.fmul(x, ir.Constant(f32v, [-Q4_ZERO] * lanes)) for x in d]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32v, [f32v, f32v, f32v]),
+                                             f"llvm.fma.v{lanes}f32")
+        mask = ir.Constant(i8v, [15] * lanes)
+        four = ir.Constant(i8v, [4] * lanes)
+        first = builder.mul(blk64, ir.Constant(i64, HALF_QK))
+        for j in range(HALF_QK):
+            cp = cgutils.get_item_pointer(context, builder, sig.args[0], c_a,
+                                          [t64, builder.add(first, ir.Constant(i64, j)), zero])
+            lo_row = cgutils.get_item_pointer(context, builder, sig.args[4], w_a,
+                                              [builder.add(row64, ir.Constant(i64, j)), zero])
+            hi_row = cgutils.get_item_pointer(context, builder, sig.args[4], w_a,
+                                              [builder.add(row64, ir.Constant(i64, HALF_QK + j)), zero])
+            for h in range(halves):
+                byte = builder.load(builder.bitcast(builder.gep(cp, [ir.Constant(i64, h * lanes)]), i8v.as_pointer()),
+                                    align=1)
+                for nib, dst in ((builder.and_(byte, mask), lo_row), (builder.lshr(byte, four), hi_row)):
+                    val = builder.uitofp(builder.zext(nib, i32v), f32v)
+                    w = builder.call(fma, [val, d[h], off[h]])
+                    builder.store(w, builder.bitcast(builder.gep(dst, [ir.Constant(i64, h * lanes)]),
+                                                     f32v.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(codes, scales, t, blk, wt, row0), codegen
+
+
+@intrinsic
 def _stack_f32(typingctx, n):
     """Pointer to `n` float32 on the stack (n must be a literal int).
 
@@ -340,26 +402,15 @@ def _q4_tile(x, codes, scales, t, c0, c1, out):
     # loops between `acc` and `out` stay contiguous vector moves (not gathers/scatters).
     m0_u = np.uint64(m0)
     rows_u = np.uint64(min(Q4_TILE, M - m0))
-    zero = np.float32(Q4_ZERO)
     wt = carray(_stack_f32(Q4_WT_SIZE), (Q4_KCHUNK, Q4_TILE))  # w.T chunk, f32
     acc = carray(_stack_f32(Q4_ACC_SIZE), (4, Q4_TILE))  # 4 tokens x 32 rows
     for kc0 in range(0, K, Q4_KCHUNK):
         kn = min(Q4_KCHUNK, K - kc0)
         # Dequantize inputs kc0:kc0+kn of the tile's 32 rows. Lanes run across rows, so the
-        # scale is a contiguous vector (no broadcast per block) and every loop is 32 wide.
+        # scale is a contiguous vector (no broadcast per block).
         b0 = kc0 // QK
         for bb in range(kn // QK):
-            for j in range(HALF_QK):
-                for r in range(Q4_TILE):
-                    # np.bitwise_and / np.right_shift keep uint8 (the operators would widen
-                    # to 64 bits, which LLVM vectorizes as 8-lane qword code).
-                    byte = codes[t, (b0 + bb) * HALF_QK + j, r]
-                    d = scales[t, b0 + bb, r]
-                    off = -zero * d
-                    lo = np.float32(np.bitwise_and(byte, np.uint8(15)))
-                    hi = np.float32(np.right_shift(byte, np.uint8(4)))
-                    wt[bb * QK + j, r] = lo * d + off
-                    wt[bb * QK + HALF_QK + j, r] = hi * d + off
+            _dequant_q4_block(codes, scales, t, b0 + bb, wt, bb * QK)
         # 4 tokens at a time: acc[i, :] += x[n + i, k] * wt[k, :], a rank-1 update per k
         # (`_rank1_4x32`: 2 weight loads + 4 broadcasts feed 8 zmm FMAs; 6 tokens x 32
         # rows measured slower as a numba loop).
