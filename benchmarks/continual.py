@@ -15,6 +15,12 @@ Protocol, on one dataset (default Banking77), seeded:
                     penalty (`--ewc-lambda`, several values allowed) and the guard.
   4. Report, before and after each update: accuracy on A held-out (what is forgotten), on B
      held-out (what is learnt) and on the full test split, plus wall time.
+  5. The anchor (`--systems diet`): DIET's default pipeline (benchmarks/configs/diet.yml)
+     under the same protocol through real Rasa: `rasa train nlu` on half A less A held-out
+     (the examples SLM360 trained on), then `rasa train nlu --finetune <half-A model>
+     --epoch-fraction F` on B's trained part; every model parsed in a fresh process
+     (benchmarks/_rasa_eval.py) on A held-out, B held-out and test. DIET has no replay or
+     EWC: its update is plain finetuning.
 
 Forgetting = accuracy on A held-out before the update minus after. Hyperparameters (lambda)
 are to be chosen on the held-out sets, never on test.
@@ -147,6 +153,9 @@ def run(args) -> dict:
                "gain_b": _diff(after["b_heldout"], before["b_heldout"])}
         variants.append(rec)
         _say(f"{name}: {after}, forgetting on A {rec['forgetting_a']}, accepted={report.accepted}")
+    diet = None
+    if "diet" in args.systems:
+        diet = run_diet(ds, args, work, _examples(half_a), a_hold, b_train, sets)
     result = {
         "schema": "slm360-continual/1", "dataset": ds.name, "quick": bool(args.quick), "seed": args.seed,
         "machine": C.machine_description(),
@@ -154,6 +163,7 @@ def run(args) -> dict:
                   "a_heldout": len(a_hold), "test": len(test)},
         "half_a_model": {"epochs": args.epochs, "train_s": time_a, "accuracy": before},
         "variants": variants,
+        "diet": diet,
     }
     out = Path(args.out_dir) / f"continual_{ds.name}{'_quick' if args.quick else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +171,71 @@ def run(args) -> dict:
     out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     _say(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
     return result
+
+
+def _to_rows(ex) -> list:
+    return [C.Example(t, i, [(e["start"], e["end"], e["entity"]) for e in ents])
+            for t, i, ents in zip(ex.texts, ex.intents, ex.entities)]
+
+
+def _diet_accuracy(raw_path: Path, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
+    import _metrics as M
+
+    raw = json.loads(raw_path.read_text(encoding="utf-8"))["results"]
+    out, pos = {}, 0
+    for name, ex in sets.items():
+        rows = raw[pos:pos + len(ex)]
+        pos += len(ex)
+        pred = [M.top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
+                                    "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})[0]
+                for r in rows]
+        out[name] = round(M.accuracy(list(ex.intents), pred), 6) if len(ex) else None
+    return out
+
+
+def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
+    """DIET (default pipeline) trained on half A less A held-out, then `--finetune` on B."""
+    import yaml
+
+    wdir = work / "diet"
+    wdir.mkdir(parents=True, exist_ok=True)
+    env = C.child_env(wdir)
+    cfg, _ = C.build_config("diet", bool(args.quick), {}, {"epochs": args.diet_epochs} if args.diet_epochs else {}, {})
+    config = wdir / "config.yml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    held = set(zip(a_hold.texts, a_hold.intents))
+    a_rows = [r for r in _to_rows(half_a) if (r.text, r.intent) not in held]
+    nlu_a = C.write_nlu_yaml(a_rows, wdir / "half_a.yml")
+    nlu_b = C.write_nlu_yaml(_to_rows(b_train), wdir / "b_train.yml")
+    texts = [t for ex in sets.values() for t in ex.texts]
+    texts_path = wdir / "eval_texts.json"
+    texts_path.write_text(json.dumps({"texts": texts, "warmup": texts[:C.WARMUP_MESSAGES]}), encoding="utf-8")
+
+    def train(name, nlu, extra):
+        archive = wdir / "models" / f"{name}.tar.gz"
+        cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config), "--nlu", str(nlu),
+               "--out", str(archive.parent), "--fixed-model-name", archive.name] + extra
+        _say(f"DIET {name}: rasa train nlu {' '.join(extra)} ...")
+        r = C.run_monitored(cmd, wdir / f"{name}.train.log", env, wdir)
+        if r["rc"] != 0 or not archive.is_file():
+            raise C.CompareError(f"DIET {name}: rasa train nlu failed (rc={r['rc']}); log: {wdir / (name + '.train.log')}")
+        raw = wdir / f"{name}.eval.json"
+        ev = C.run_monitored([sys.executable, str(HERE / "_rasa_eval.py"), "--model", str(archive), "--texts",
+                              str(texts_path), "--out", str(raw)], wdir / f"{name}.eval.log", env, wdir)
+        if ev["rc"] != 0:
+            raise C.CompareError(f"DIET {name}: evaluation failed; log: {wdir / (name + '.eval.log')}")
+        return archive, r["wall_s"], _diet_accuracy(raw, sets)
+
+    archive_a, wall_a, before = train("half_a", nlu_a, [])
+    _, wall_b, after = train("finetune_b", nlu_b, ["--finetune", str(archive_a), "--epoch-fraction",
+                                                   str(args.finetune_epoch_fraction)])
+    rec = {"epochs": cfg["pipeline"][[c["name"] for c in cfg["pipeline"]].index("DIETClassifier")]["epochs"],
+           "epoch_fraction": args.finetune_epoch_fraction, "n_half_a_trained": len(a_rows), "train_s": wall_a,
+           "finetune_s": wall_b, "before": before, "after": after,
+           "forgetting_a": _diff(before["a_heldout"], after["a_heldout"]),
+           "gain_b": _diff(after["b_heldout"], before["b_heldout"])}
+    _say(f"DIET: before {before}, after finetune {after}")
+    return rec
 
 
 def markdown(r: dict) -> str:
@@ -185,6 +260,15 @@ def markdown(r: dict) -> str:
                  f"{f(v['after']['a_heldout'])} | "
                  f"{'n/a' if v['forgetting_a'] is None else format(100 * v['forgetting_a'], '+.2f') + ' pts'} | "
                  f"{f(v['after']['b_heldout'])} | {f(v['after']['test'])} | {guard} |")
+    d = r.get("diet")
+    if d:
+        L.append(f"| DIET `--finetune` (anchor) | - | - | {d['epochs']} x {d['epoch_fraction']:g} | {d['finetune_s']} | "
+                 f"{f(d['after']['a_heldout'])} | "
+                 f"{'n/a' if d['forgetting_a'] is None else format(100 * d['forgetting_a'], '+.2f') + ' pts'} | "
+                 f"{f(d['after']['b_heldout'])} | {f(d['after']['test'])} | - |")
+        L += ["", f"DIET half-A model ({d['epochs']} epochs, {d['n_half_a_trained']} examples: half A less the "
+              f"A held-out ones) in {d['train_s']} s: A held-out {f(d['before']['a_heldout'])}, "
+              f"B held-out {f(d['before']['b_heldout'])}, test {f(d['before']['test'])}."]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten). "
           "The accuracies after a refused update are those of the candidate the guard refused.", ""]
     return "\n".join(L)
@@ -210,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="where the half-A model is kept")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and Markdown go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--systems", default="slm360",
+                    help="slm360 (always run: it defines the held-out sets) and optionally diet, the anchor: "
+                         "--systems slm360,diet (DIET trains for an hour or more on 2 cores)")
+    ap.add_argument("--diet-epochs", type=int, default=None,
+                    help="override DIETClassifier epochs (smoke tests only; the protocol uses the default 100)")
     return ap
 
 
@@ -217,6 +306,10 @@ def main(argv=None) -> int:
     """Command line entry point."""
     args = build_parser().parse_args(argv)
     args.ewc_lambda = args.ewc_lambda or [1.0]
+    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    if set(args.systems) - {"slm360", "diet"}:
+        raise SystemExit(f"error: --systems: unknown {sorted(set(args.systems) - {'slm360', 'diet'})}; "
+                         "choose from slm360, diet")
     if args.epochs < 1 or not 0 < args.finetune_epoch_fraction <= 10:
         raise SystemExit("error: --epochs must be >= 1 and --finetune-epoch-fraction in (0, 10]")
     if any(lam < 0 for lam in args.ewc_lambda):

@@ -66,3 +66,25 @@ def test_help_and_bad_arguments():
     bad = subprocess.run([sys.executable, str(SCRIPT), "--ewc-lambda", "-1"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--ewc-lambda" in bad.stderr
+
+
+@pytest.mark.slow
+def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
+    pytest.importorskip("rasa")
+    tmp, ckpt = setup
+    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+           "--epochs", "2", "--work-dir", str(tmp / "work-diet"), "--out-dir", str(tmp / "out-diet"), "--no-progress",
+           "--systems", "slm360,diet", "--diet-epochs", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads((tmp / "out-diet" / "continual_tiny.json").read_text())
+    d = r["diet"]
+    # DIET trains on half A less the examples SLM360 held out, so A held-out is unseen by both.
+    assert d["n_half_a_trained"] == r["split"]["half_a"] - r["split"]["a_heldout"]
+    for phase in ("before", "after"):
+        assert set(d[phase]) == {"a_heldout", "b_heldout", "test"}
+        assert all(0 <= v <= 1 for v in d[phase].values())
+    assert d["forgetting_a"] == pytest.approx(d["before"]["a_heldout"] - d["after"]["a_heldout"])
+    assert d["train_s"] > 0 and d["finetune_s"] > 0 and d["epochs"] == 1
+    assert "DIET `--finetune` (anchor)" in (tmp / "out-diet" / "continual_tiny.md").read_text()
