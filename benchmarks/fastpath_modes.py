@@ -164,16 +164,10 @@ def evaluate(model, fastpath, rows: Sequence[dict], mode: str, warmup: int, prog
 
 
 def machine() -> dict:
-    """CPU model and core count (timings are only comparable on one machine)."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    """CPU model, core count and versions (timings are only comparable on one machine)."""
+    from bench_encoder import machine as describe  # one implementation for every benchmark
+
+    return describe()
 
 
 def markdown(res: dict) -> str:

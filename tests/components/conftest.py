@@ -1,4 +1,5 @@
 """Shared fixtures for the Rasa component tests: a small seeded checkpoint and a tiny bot."""
+import asyncio
 import os
 
 import pytest
@@ -76,3 +77,13 @@ def trained(tmp_path_factory, small_checkpoint, tiny_nlu):
     model = train_nlu(str(write_config(tmp, small_checkpoint)), str(tiny_nlu), str(tmp / "models"))
     assert model, "training produced no model"
     return model
+
+
+def parse(agent, text):
+    """`agent.parse_message(text)` run to completion. Rasa installs uvloop's policy, which has
+    no implicit event loop: make one per call."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(agent.parse_message(text))
+    finally:
+        loop.close()

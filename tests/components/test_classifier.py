@@ -1,5 +1,4 @@
 """SLM360Classifier through real Rasa: train_nlu, Agent.parse_message, persistence, bad input."""
-import asyncio
 import glob
 import tarfile
 
@@ -10,7 +9,7 @@ pytest.importorskip("rasa")
 BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا", "Привет"]
 
 
-from conftest import write_config as _config  # noqa: E402
+from conftest import parse, write_config as _config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +19,10 @@ def agent(trained):
     return Agent.load(trained)
 
 
-def _parse(agent, text):
-    # Rasa installs uvloop's policy, which has no implicit loop: make one per call.
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(agent.parse_message(text))
-    finally:
-        loop.close()
 
 
 def test_parse_has_diet_shaped_output(agent):
-    out = _parse(agent, "book a table for 4 people")
+    out = parse(agent, "book a table for 4 people")
     assert out["intent"]["name"] == "book_table"
     assert 0 < out["intent"]["confidence"] <= 1
     ranking = out["intent_ranking"]
@@ -43,7 +35,7 @@ def test_parse_has_diet_shaped_output(agent):
 
 @pytest.mark.parametrize("text", BAD)
 def test_bad_input_gives_a_valid_parse(agent, text):
-    out = _parse(agent, text)
+    out = parse(agent, text)
     if text.strip():
         assert out["intent"]["name"] in {"book_table", "opening_hours", "menu"}
     assert isinstance(out["entities"], list)
@@ -51,7 +43,7 @@ def test_bad_input_gives_a_valid_parse(agent, text):
 
 @pytest.mark.parametrize("text", ["", "   ", "\x00\x01\x02"])
 def test_empty_text_gets_no_intent_like_diet(agent, text):
-    out = _parse(agent, text)
+    out = parse(agent, text)
     assert out["intent"] == {"name": None, "confidence": 0.0}
     assert out["intent_ranking"] == [] and out["entities"] == []
 
@@ -104,5 +96,5 @@ def test_rasa_finetune_continues_from_the_previous_model(tmp_path, trained, smal
     model = train_nlu(str(cfg), str(tiny_nlu), str(tmp_path / "models"), model_to_finetune=trained,
                       finetuning_epoch_fraction=0.2)
     assert model and model != trained
-    out = _parse(Agent.load(model), "book a table for 4 people")
+    out = parse(Agent.load(model), "book a table for 4 people")
     assert out["intent"]["name"] == "book_table"

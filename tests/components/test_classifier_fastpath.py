@@ -1,6 +1,5 @@
 """SLM360Classifier's pattern fast path through real Rasa: train_nlu, Agent.parse_message, the
 persisted fastpath.json, the three modes, and that an exact hit never runs the encoder."""
-import asyncio
 import json
 import logging
 import tarfile
@@ -9,7 +8,7 @@ import pytest
 
 pytest.importorskip("rasa")
 
-from conftest import NLU, write_config  # noqa: E402
+from conftest import NLU, parse, write_config  # noqa: E402
 
 RESOURCE = "train_slm360_rasa.SLM360Classifier1"
 # Rules the fast path should learn: a pure regex (4 opening_hours examples), a pure lookup
@@ -64,12 +63,6 @@ def predict_calls(monkeypatch):
     return calls
 
 
-def _parse(agent, text):
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(agent.parse_message(text))
-    finally:
-        loop.close()
 
 
 def _component(model_path, tmp_path, **overrides):
@@ -93,7 +86,7 @@ def _messages(*texts):
 
 def test_exact_example_with_other_case_and_punctuation_skips_the_encoder(agent, predict_calls):
     text = "BOOK a Table, for 4 people!!"  # training example: "book a table for [4](people) people"
-    out = _parse(agent, text)
+    out = parse(agent, text)
     assert predict_calls == []
     assert out["intent"] == {"name": "book_table", "confidence": 1.0}
     assert out["intent_ranking"][0] == {"name": "book_table", "confidence": 1.0}
@@ -105,7 +98,7 @@ def test_exact_example_with_other_case_and_punctuation_skips_the_encoder(agent, 
 
 
 def test_other_text_goes_through_the_encoder(agent, predict_calls):
-    out = _parse(agent, "could you reserve a table for 7 tonight")
+    out = parse(agent, "could you reserve a table for 7 tonight")
     assert predict_calls == [["could you reserve a table for 7 tonight"]]
     assert out["intent"]["name"] in {"book_table", "opening_hours", "menu"}
 
@@ -183,7 +176,7 @@ def test_old_model_without_fastpath_json_still_parses(fp_model, tmp_path, caplog
         agent = Agent.load(old)
     assert "fastpath.json" in caplog.text
     predict_calls.clear()  # the warm-up at load
-    out = _parse(agent, "book a table for 4 people")
+    out = parse(agent, "book a table for 4 people")
     assert len(predict_calls) == 1 and out["intent"]["name"] in {"book_table", "opening_hours", "menu"}
 
 
