@@ -86,9 +86,28 @@ del _i, _c, _cat
 _ASCII_TABLE = {i: f for i, f in enumerate(_ASCII_FOLD)}
 
 
+_WORD = re.compile("[^ ]+")
+
+
 def _normalize_ascii(text: str) -> str:
     """`_normalize_spans(text)[0]` for an ASCII `text`, without the spans."""
     return _SEP.join(text.translate(_ASCII_TABLE).split())
+
+
+def _normalize_ascii_spans(text: str) -> Tuple[str, List[int], List[int]]:
+    """`_normalize_spans(text)` for an ASCII `text`: every character is its own cluster and
+    folds to one character, so the spans follow from the runs of non-separators (a run's
+    separator maps to the first separator character after the previous run)."""
+    starts: List[int] = []
+    words: List[str] = []
+    prev_end = -1
+    for m in _WORD.finditer(text.translate(_ASCII_TABLE)):
+        if words:
+            starts.append(prev_end)
+        words.append(m.group())
+        starts.extend(range(m.start(), m.end()))
+        prev_end = m.end()
+    return _SEP.join(words), starts, [s + 1 for s in starts]
 
 
 def _is_separator(ch: str) -> bool:
@@ -351,7 +370,7 @@ class FastPath:
             ents = None
             if exact.entities is not None:
                 if starts is None and exact.entities:
-                    _, starts, ends = _normalize_spans(text)
+                    _, starts, ends = _normalize_ascii_spans(text)
                 ents = []
                 for s, e, entity, extra in exact.entities:
                     a, b = starts[s], ends[e - 1]
