@@ -55,12 +55,12 @@ Q4_ZERO = 8.0
 ROW_TILE = 4  # f32: weight rows multiplied together (4 accumulators per token)
 TOKEN_CHUNK = 64  # tokens per f32 pass; keeps the x chunk in L1/L2
 SERIAL_ROWS = 128  # below this many tokens, element-wise kernels do not fork threads
-ATT_TILE = 32  # attention: columns of the micro-kernel's accumulator rows (see _attention_job)
+Q4_TILE = 32  # INT4: weight rows per tile = the micro-kernel's columns
+MK_WIDTH = Q4_TILE  # columns of _rank1_4x32's accumulator rows
+MK_LANES = 16  # float32 lanes per explicit vector in _rank1_4x32 (one zmm register)
+ATT_TILE = MK_WIDTH  # attention: keys / head dimensions per micro-kernel call (see _attention_job)
 ATT_TILE_U = np.uint64(ATT_TILE)  # the same, unsigned (see _attention_job)
 ATT_ACC_SIZE = 4 * ATT_TILE  # stack floats for its accumulators
-MK_WIDTH = 32  # micro-kernel columns (= Q4_TILE = ATT_TILE)
-MK_LANES = 16  # float32 lanes per explicit vector in _rank1_4x32 (one zmm register)
-Q4_TILE = 32  # INT4: weight rows per tile = vector lanes (4 x 8 floats)
 Q4_KCHUNK = 128  # INT4: inputs dequantized at a time (multiple of QK); x Q4_TILE f32 = 16 KiB
 Q4_TOKEN_CHUNK = 64  # INT4: tokens per job (one dequantization of a tile chunk serves them all)
 Q4_WT_SIZE = Q4_KCHUNK * Q4_TILE  # stack floats for a dequantized chunk
@@ -425,8 +425,8 @@ def _q4_tile(x, codes, scales, t, c0, c1, out):
                 for i in range(nt):
                     for r in range(rows_u):
                         acc[i, r] = out[n + i, m0_u + r]
-            # A tail of 1-3 tokens repeats its last token in the spare accumulators (not
-            # stored): one kernel shape, so LLVM always emits the register-blocked loop.
+            # The micro-kernel always fills 4 accumulator rows: a tail of 1-3 tokens repeats
+            # its last token in the spare rows, which are not stored.
             n1 = min(n + 1, c1 - 1)
             n2 = min(n + 2, c1 - 1)
             n3 = min(n + 3, c1 - 1)
@@ -606,12 +606,10 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
     qkv (N, C + 2 * KV * D): columns [q | k | v]; out (N, C). Query head h reads KV head
     h // (n_heads // n_kv_heads).
 
-    Each (sequence, head) job first copies its keys transposed (D, T) and its values (T, D)
-    into contiguous scratch: the score loop then runs over keys and the weighted sum over
-    head dimensions, both unit-stride loops with run-time trip counts, which LLVM
-    vectorizes (dot products over the 32 head dimensions would be unrolled and stay scalar).
-    Every score sums its dimensions in order 0..D-1, so results do not depend on the
-    batch a sequence is packed into.
+    Each (sequence, head) pair is one job (`_attention_job`): its scaled queries, keys
+    (transposed) and values are copied into padded scratch and both products run the
+    micro-kernel `_rank1_4x32`. Every score sums its dimensions in order 0..D-1, so results
+    do not depend on the batch a sequence is packed into.
     """
     for job in prange((starts.shape[0] - 1) * n_heads):
         _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job)
