@@ -95,9 +95,9 @@ def _normalize_ascii(text: str) -> str:
 
 
 def _normalize_ascii_spans(text: str) -> Tuple[str, List[int], List[int]]:
-    """`_normalize_spans(text)` for an ASCII `text`: every character is its own cluster and
-    folds to one character, so the spans follow from the runs of non-separators (a run's
-    separator maps to the first separator character after the previous run)."""
+    """`_normalize_spans_general(text)` for an ASCII `text`: every character is its own
+    cluster and folds to one character, so the spans follow from the runs of non-separators
+    (a run's separator maps to the first separator character after the previous run)."""
     starts: List[int] = []
     words: List[str] = []
     prev_end = -1
@@ -117,6 +117,13 @@ def _is_separator(ch: str) -> bool:
 
 def _normalize_spans(text: str) -> Tuple[str, List[int], List[int]]:
     """`normalize` plus the end (exclusive) in the original text of each normalised char's cluster."""
+    # Most bot traffic and training data is ASCII: C-speed translate + regex instead of a
+    # Python loop per character.
+    return _normalize_ascii_spans(text) if text.isascii() else _normalize_spans_general(text)
+
+
+def _normalize_spans_general(text: str) -> Tuple[str, List[int], List[int]]:
+    """`_normalize_spans` for any text: one character cluster at a time."""
     out: List[str] = []
     starts: List[int] = []
     ends: List[int] = []
@@ -313,22 +320,17 @@ class FastPath:
         disagreeing = sum(1 for p in fp.exact.values() if p.entities is None)
 
         rejected = {"regex_invalid": 0, "regex_impure": 0, "lookup_empty": 0, "lookup_impure": 0}
-        for rx in regexes or ():
-            rule = _regex_rule(rx)
-            if rule is None:
-                rejected["regex_invalid"] += 1
-            elif fp._learn(rule, examples):
-                fp.rules.append(rule)
-            else:
-                rejected["regex_impure"] += 1
-        for table in lookups or ():
-            rule = _lookup_rule(table)
-            if rule is None:
-                rejected["lookup_empty"] += 1
-            elif fp._learn(rule, examples):
-                fp.rules.append(rule)
-            else:
-                rejected["lookup_impure"] += 1
+        # (entries, how to read one, counter when unreadable, counter when it names no intent)
+        for entries, read, unusable, impure in ((regexes, _regex_rule, "regex_invalid", "regex_impure"),
+                                                 (lookups, _lookup_rule, "lookup_empty", "lookup_impure")):
+            for entry in entries or ():
+                rule = read(entry)
+                if rule is None:
+                    rejected[unusable] += 1
+                elif fp._learn(rule, examples):
+                    fp.rules.append(rule)
+                else:
+                    rejected[impure] += 1
 
         fp.stats = {"examples": len(examples), "exact": len(fp.exact), "exact_ambiguous": ambiguous,
                     "exact_entities_disagree": disagreeing,
@@ -370,7 +372,7 @@ class FastPath:
             ents = None
             if exact.entities is not None:
                 if starts is None and exact.entities:
-                    _, starts, ends = _normalize_ascii_spans(text)
+                    _, starts, ends = _normalize_spans(text)
                 ents = []
                 for s, e, entity, extra in exact.entities:
                     a, b = starts[s], ends[e - 1]
