@@ -108,20 +108,35 @@ def encode_fisher(fisher: Arrays) -> Arrays:
     return out
 
 
+def _fisher_pair(tensors: Arrays, name: str, shape: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
+    """The (top, codes) tensors of `name`, checked against `shape`; errors name the tensor."""
+    try:
+        top, packed = tensors[f"{FISHER_PREFIX}{name}.top"], tensors[f"{FISHER_PREFIX}{name}.codes"]
+    except KeyError as e:
+        raise ValueError(f"Fisher tensor of {name!r} is missing {e.args[0]!r}") from None
+    n = int(np.prod(shape))
+    n_groups = -(-n // FISHER_GROUP)
+    if top.dtype != np.float16 or packed.dtype != np.uint8 or top.shape != (n_groups,) \
+            or packed.shape != (-(-n // 2),):
+        raise ValueError(f"Fisher tensors of {name!r} have {top.dtype}{top.shape} / {packed.dtype}{packed.shape}; "
+                         f"for shape {tuple(shape)} expected float16({n_groups},) / uint8({-(-n // 2)},)")
+    return top, packed
+
+
+def check_fisher(tensors: Arrays, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Raise ValueError, naming the tensor, unless `tensors` hold a valid Fisher for `shapes`
+    (what `decode_fisher` checks, without decoding: loading a model for serving never needs
+    the values)."""
+    for name, shape in shapes.items():
+        _fisher_pair(tensors, name, shape)
+
+
 def decode_fisher(tensors: Arrays, shapes: Dict[str, Tuple[int, ...]]) -> Arrays:
     """Float32 Fisher arrays of the given shapes from `encode_fisher`'s tensors; errors name the tensor."""
     out: Arrays = {}
     for name, shape in shapes.items():
-        try:
-            top, packed = tensors[f"{FISHER_PREFIX}{name}.top"], tensors[f"{FISHER_PREFIX}{name}.codes"]
-        except KeyError as e:
-            raise ValueError(f"Fisher tensor of {name!r} is missing {e.args[0]!r}") from None
+        top, packed = _fisher_pair(tensors, name, shape)
         n = int(np.prod(shape))
-        n_groups = -(-n // FISHER_GROUP)
-        if top.dtype != np.float16 or packed.dtype != np.uint8 or top.shape != (n_groups,) \
-                or packed.shape != (-(-n // 2),):
-            raise ValueError(f"Fisher tensors of {name!r} have {top.dtype}{top.shape} / {packed.dtype}{packed.shape}; "
-                             f"for shape {tuple(shape)} expected float16({n_groups},) / uint8({-(-n // 2)},)")
         codes = np.empty(packed.size * 2, np.uint8)
         codes[0::2] = packed & 0x0F
         codes[1::2] = packed >> 4

@@ -32,7 +32,8 @@ from ..nano.config import NanoConfig
 from ..nano.quant import float_params, quantize_params
 from . import heads as Hd
 from .calibration import expected_calibration_error, fit_temperature, nll
-from .continual import FISHER_FORMAT, FISHER_PREFIX, decode_fisher, empirical_fisher, encode_fisher
+from .continual import (FISHER_FORMAT, FISHER_PREFIX, check_fisher, decode_fisher, empirical_fisher,
+                        encode_fisher)
 from .data import Examples, epoch_batches, holdout_split, pad, stratified_sample
 from .optim import AdamW, OptimConfig
 
@@ -372,10 +373,12 @@ class IntentEntityModel:
             _, grads, _ = self._batch_grads(allp, seqs, y, tags, np.array([i]), use_intents, use_entities, freeze)
             yield grads
 
+    def _fisher_shapes(self) -> Dict[str, tuple]:
+        return {k: (self.params[k] if k in self.params else self.heads[k]).shape for k in self.fisher_names}
+
     def fisher(self) -> Dict[str, np.ndarray]:
         """The stored Fisher diagonal, decoded to float32 arrays shaped like the weights ({} if none)."""
-        shapes = {k: (self.params[k] if k in self.params else self.heads[k]).shape for k in self.fisher_names}
-        return decode_fisher(self.fisher_tensors, shapes)
+        return decode_fisher(self.fisher_tensors, self._fisher_shapes())
 
     # ------------------------------------------------------------------ calibration
 
@@ -519,8 +522,8 @@ class IntentEntityModel:
             raise ValueError(f"{path}: Fisher format {fisher.get('format')!r}, this code reads {FISHER_FORMAT!r}")
         m.fisher_names = list(fisher["names"])
         m.fisher_tensors = {k: v for k, v in ckpt.tensors.items() if k.startswith(FISHER_PREFIX)}
-        try:
-            m.fisher()  # validates names, shapes and dtypes now rather than at the first update
+        try:  # names, shapes and dtypes now rather than at the first update
+            check_fisher(m.fisher_tensors, m._fisher_shapes())
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: invalid Fisher tensors: {e}") from None
         m._stored = {k: v for k, v in ckpt.tensors.items()
