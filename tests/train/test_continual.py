@@ -8,7 +8,7 @@ from slm360_rasa.nano.checkpoint import load_checkpoint, save_checkpoint
 from slm360_rasa.nano.config import NanoConfig
 from slm360_rasa.nano.model import init_params
 from slm360_rasa.nano.tokenizer import NanoTokenizer
-from slm360_rasa.train.continual import (FISHER_GROUP, ContinualLearner, EWCPenalty, decode_fisher,
+from slm360_rasa.train.continual import (FISHER_GROUP, ContinualLearner, EWCPenalty, check_fisher, decode_fisher,
                                          empirical_fisher, encode_fisher, fisher_bytes)
 from slm360_rasa.train.data import Examples, pad
 from slm360_rasa.train.finetune import INTENT, FinetuneConfig, IntentEntityModel
@@ -74,6 +74,12 @@ def test_fisher_codes_refuse_bad_values_and_shapes():
         decode_fisher(enc, {"w": (4, 9)})
     with pytest.raises(ValueError, match="missing"):
         decode_fisher(enc, {"v": (4, 8)})
+    # The load-time check refuses the same files without decoding them.
+    check_fisher(enc, {"w": (4, 8)})
+    with pytest.raises(ValueError, match="expected float16"):
+        check_fisher(enc, {"w": (4, 9)})
+    with pytest.raises(ValueError, match="missing"):
+        check_fisher(enc, {"v": (4, 8)})
 
 
 # ------------------------------------------------------------------ EWC
