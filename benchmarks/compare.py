@@ -637,7 +637,8 @@ def _split_results(ds: Dataset, raw: dict) -> List[list]:
     return out
 
 
-def _top(r: dict) -> Tuple[Optional[str], float]:
+def top_intent(r: dict) -> Tuple[Optional[str], float]:
+    """Top non-fallback intent and its confidence of one raw parse from _rasa_eval.py."""
     return M.top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
                                "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})
 
@@ -648,14 +649,14 @@ def summarize_valid(ds: Dataset, raw: dict) -> dict:
     _, _, valid_results, oos_valid_results = _split_results(ds, raw)
     out = {}
     if ds.valid:
-        top = [_top(r) for r in valid_results]
+        top = [top_intent(r) for r in valid_results]
         out["valid_per_message"] = {
             "n": len(top), "gold": [e.intent for e in ds.valid], "pred": [t[0] for t in top],
             "confidence": [round(t[1], 4) for t in top],
             "accuracy": M.finite_or_none(M.accuracy([e.intent for e in ds.valid], [t[0] for t in top]))}
     if ds.oos_valid:
         out["oos_valid_per_message"] = {"n": len(oos_valid_results),
-                                        "confidence": [round(_top(r)[1], 4) for r in oos_valid_results]}
+                                        "confidence": [round(top_intent(r)[1], 4) for r in oos_valid_results]}
     return out
 
 
@@ -666,7 +667,7 @@ def summarize(ds: Dataset, raw: dict) -> Tuple[dict, dict, Optional[dict], list]
     gold = [e.intent for e in ds.test]
     pred, conf = [], []
     for r in results:
-        name, c = _top(r)
+        name, c = top_intent(r)
         pred.append(name)
         conf.append(c)
     # Rounded as stored in per_message, so ECE recomputed from the JSON is exactly this one.

@@ -71,16 +71,11 @@ def split_halves(train, seed: int):
     return half_a, half_b
 
 
-def accuracy(model, examples) -> float:
-    """Top-1 intent accuracy of `model` (served weights) on `examples`."""
+def evaluate(model, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
+    """Top-1 intent accuracy of `model` (served weights) on each named example set (None for an empty set)."""
     from slm360_rasa.train.continual import intent_accuracy
 
-    return intent_accuracy(model, examples)
-
-
-def evaluate(model, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
-    """Accuracy on each named example set (None for an empty set)."""
-    return {name: round(accuracy(model, ex), 6) if len(ex) else None for name, ex in sets.items()}
+    return {name: round(intent_accuracy(model, ex), 6) if len(ex) else None for name, ex in sets.items()}
 
 
 def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -184,11 +179,8 @@ def _diet_accuracy(raw_path: Path, sets: Dict[str, object]) -> Dict[str, Optiona
     raw = json.loads(raw_path.read_text(encoding="utf-8"))["results"]
     out, pos = {}, 0
     for name, ex in sets.items():
-        rows = raw[pos:pos + len(ex)]
+        pred = [C.top_intent(r)[0] for r in raw[pos:pos + len(ex)]]
         pos += len(ex)
-        pred = [M.top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
-                                    "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})[0]
-                for r in rows]
         out[name] = round(M.accuracy(list(ex.intents), pred), 6) if len(ex) else None
     return out
 

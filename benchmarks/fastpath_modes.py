@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -48,24 +47,18 @@ FASTPATH_FILE = "fastpath.json"
 MODES = ("hybrid", "semantic", "pattern")
 
 
-def read_jsonl(path: Path) -> List[dict]:
-    """Rows of a JSON Lines split; errors name the file, the line and the fix."""
+def read_jsonl(path: Path):
+    """The examples of a JSON Lines split (compare.load_jsonl: every line validated); a
+    missing or bad file exits with a message naming it and the fix."""
+    from compare import CompareError, load_jsonl
+
     if not path.is_file():
         sys.exit(f"error: {path} not found; pass --dataset NAME with --data-dir DIR, or --dataset FOLDER "
                  "holding train.jsonl and test.jsonl")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {path}:{n} is not JSON ({e}); fix or remove the line")
-            if not (isinstance(row, dict) and isinstance(row.get("text"), str) and isinstance(row.get("intent"), str)):
-                sys.exit(f"error: {path}:{n} needs string fields 'text' and 'intent'")
-            rows.append(row)
-    return rows
+    try:
+        return load_jsonl(path)
+    except CompareError as e:
+        sys.exit(f"error: {e}")
 
 
 def dataset_dir(dataset: str, data_dir: str) -> Path:
@@ -103,7 +96,7 @@ def find_model_files(model: Path, workdir: Path) -> Tuple[Path, Optional[Path]]:
     return found[0], fp if fp.is_file() else None
 
 
-def load_fastpath(path: Optional[Path], train_rows: Sequence[dict]):
+def load_fastpath(path: Optional[Path], train_rows: Sequence):
     """(FastPath, how it was obtained): the persisted one, or rebuilt from train.jsonl."""
     from slm360_rasa.fastpath import FastPath
 
@@ -112,8 +105,8 @@ def load_fastpath(path: Optional[Path], train_rows: Sequence[dict]):
             return FastPath.from_dict(json.loads(path.read_text(encoding="utf-8"))), "archive"
         except ValueError as e:
             sys.exit(f"error: corrupt {path.name} in the model: {e}; retrain the model with `rasa train`")
-    fp = FastPath.build([r["text"] for r in train_rows], [r["intent"] for r in train_rows],
-                        [r.get("entities") or [] for r in train_rows])
+    fp = FastPath.build([r.text for r in train_rows], [r.intent for r in train_rows],
+                        [[{"start": s, "end": e, "entity": lab} for s, e, lab in r.entities] for r in train_rows])
     return fp, "rebuilt from train.jsonl (the model predates fastpath.json)"
 
 
@@ -133,13 +126,13 @@ def percentile_ms(ns: Sequence[int], q: float) -> Optional[float]:
     return round(float(np.percentile(np.asarray(ns, dtype=np.float64), q)) / 1e6, 4) if len(ns) else None
 
 
-def evaluate(model, fastpath, rows: Sequence[dict], mode: str, warmup: int, progress: bool = True) -> dict:
+def evaluate(model, fastpath, rows: Sequence, mode: str, warmup: int, progress: bool = True) -> dict:
     """Metrics and latencies of one mode over `rows`, one message at a time."""
     from _metrics import accuracy, macro_f1
     from tqdm import tqdm
 
     want_entities = bool(model.cfg.entity_recognition and model.entity_types)
-    texts = [r["text"] for r in rows]
+    texts = [r.text for r in rows]
     for t in texts[:warmup]:  # numba compilation / caches, branch predictors: not measured
         answer(model, fastpath, t, mode, want_entities)
     preds, ns, hit_ns = [], [], []
@@ -154,7 +147,7 @@ def evaluate(model, fastpath, rows: Sequence[dict], mode: str, warmup: int, prog
             hits += 1
             hit_ns.append(dt)
         skipped += not ran
-    gold = [r["intent"] for r in rows]
+    gold = [r.intent for r in rows]
     n = len(rows)
     return {"accuracy": accuracy(gold, preds), "macro_f1": macro_f1(gold, preds),
             "hit_rate": hits / n, "encoder_skip_rate": skipped / n,
@@ -224,9 +217,7 @@ def main(argv=None) -> int:
     from slm360_rasa.train.finetune import IntentEntityModel
 
     ds = dataset_dir(args.dataset, args.data_dir)
-    test = read_jsonl(ds / "test.jsonl")
-    if not test:
-        sys.exit(f"error: {ds / 'test.jsonl'} has no rows")
+    test = read_jsonl(ds / "test.jsonl")  # an empty file is refused by the reader
     if args.limit and args.limit < len(test):
         idx = np.sort(np.random.default_rng(args.seed).choice(len(test), size=args.limit, replace=False))
         test = [test[i] for i in idx]
