@@ -23,7 +23,7 @@ import numpy as np
 from . import kernels
 from .config import NanoConfig
 from .model import Params, init_params, rope_cos_sin
-from .quant import CODES_SUFFIX, Q4Tensor, QuantError, float_params, padded_width, q4_from_tensors, quantize_q4
+from .quant import CODES_SUFFIX, QK, Q4Tensor, QuantError, float_params, padded_width, q4_from_tensors, quantize_q4
 
 logger = logging.getLogger("slm360_rasa")
 
@@ -182,10 +182,10 @@ class Encoder:
                 w2.append(matrix_q4(p + "w2", H))
 
             def stack(groups):
-                # Planar Q4 rows -> the tiled layout of kernels.matmul_q4 (see kernels.repack_q4).
+                # Planar Q4 rows -> the VNNI tiled layout of kernels.matmul_q8q4 (see kernels.repack_q4).
                 tiled = [kernels.repack_q4(np.concatenate([t.codes for t in g]),
                                            np.concatenate([t.scales for t in g])) for g in groups]
-                codes = np.stack([c for c, _ in tiled])  # (L, T, K/2, Q4_TILE) uint8
+                codes = np.stack([c for c, _ in tiled])  # (L, T, K/QK, 512) uint8
                 scales = np.stack([s for _, s in tiled])  # (L, T, K/QK, Q4_TILE) float32
                 return codes, scales
 
@@ -213,7 +213,7 @@ class Encoder:
 
     def _set_empty_q4(self, L: int) -> None:
         e2u, e2f = np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)
-        # Empty Q4 stacks keep the tiled rank (L, T, K/2, Q4_TILE) so matmul_q4 still types.
+        # Empty Q4 stacks keep the tiled rank (L, T, K/QK, 512) so matmul_q8q4 still types.
         e3u, e3f = np.zeros((L, 0, 0, 0), np.uint8), np.zeros((L, 0, 0, 0), np.float32)
         self.emb_c, self.emb_s = e2u, e2f
         self.wqkv_c = self.wo_c = self.w13_c = self.w2_c = e3u
@@ -238,6 +238,10 @@ class Encoder:
             self._qkv = np.empty((cap, qkv_w), np.float32)
             self._h13 = np.empty((cap, 2 * self.hidden_width), np.float32)
             self._gate = np.empty((cap, self.hidden_width), np.float32)
+            widest = max(C, self.hidden_width)  # block_q8 scratch for every INT4 matmul input
+            self._xq = np.empty((cap, widest), np.int8)
+            self._xs = np.empty((cap, widest // QK), np.float32)
+            self._xsum8 = np.empty((cap, widest // QK), np.int32)
             self._cap = cap
         if n_seqs > self._pooled.shape[0]:
             self._pooled = np.empty((max(n_seqs, 2 * self._pooled.shape[0], 16), cfg.dim), np.float32)
@@ -282,7 +286,7 @@ class Encoder:
             self.w13_f, self.w13_c, self.w13_s, self.w2_f, self.w2_c, self.w2_s,
             self.cos, self.sin, cfg.n_heads, cfg.n_kv_heads, self.hidden_width, np.float32(cfg.norm_eps),
             x, xn, self._qkv[:N], self._att[:N], self._proj[:N], self._h13[:N], self._gate[:N],
-            self._pooled[:B], numba.get_num_threads() == 1,
+            self._pooled[:B], self._xq[:N], self._xs[:N], self._xsum8[:N], numba.get_num_threads() == 1,
         )
 
     def _chunks(self, lengths: np.ndarray):
