@@ -435,7 +435,7 @@ class IntentEntityModel:
             return out
         for i, s in enumerate(self.runtime().token_states(list(texts))):
             if len(s.ids) > 2:
-                out[i] = Hd.linear_head_forward(s.states.mean(axis=0)[None], self.heads, INTENT)[0]
+                out[i] = Hd.linear_head_predict(s.states.mean(axis=0)[None], self.heads, INTENT)[0]
         return out
 
     def warm_up(self) -> float:
@@ -461,10 +461,10 @@ class IntentEntityModel:
                 continue
             if has_i:
                 pooled = s.states.mean(axis=0)
-                logits = Hd.linear_head_forward(pooled[None], self.heads, INTENT)
+                logits = Hd.linear_head_predict(pooled[None], self.heads, INTENT)
                 probs = Hd.softmax(logits / np.float32(self.temperature))[0]
             if has_e:
-                eprobs = Hd.softmax(Hd.linear_head_forward(s.states, self.heads, ENTITY))
+                eprobs = Hd.softmax(Hd.linear_head_predict(s.states, self.heads, ENTITY))
                 ents = Hd.decode_bilou(text, s.offsets, eprobs, self.tags)
             out.append(Prediction(intent_probs=probs, entities=ents or []))
         return out

@@ -58,6 +58,17 @@ def linear_head_forward(x: np.ndarray, p: Dict[str, np.ndarray], name: str) -> n
     return (x.reshape(-1, x.shape[-1]) @ W.T + b).reshape(x.shape[:-1] + (W.shape[0],))  # (..., K)
 
 
+def linear_head_predict(x: np.ndarray, p: Dict[str, np.ndarray], name: str) -> np.ndarray:
+    """`linear_head_forward` for serving: x (N, C) float32, one numba loop on this thread (no
+    BLAS threads; see kernels.linear_serial). Same values up to float32 summation order."""
+    from ..nano.kernels import linear_serial
+
+    W, b = p[f"{name}.weight"], p[f"{name}.bias"]
+    out = np.empty((x.shape[0], W.shape[0]), np.float32)
+    linear_serial(np.ascontiguousarray(x, dtype=np.float32), W, b, out)
+    return out
+
+
 def linear_head_backward(x: np.ndarray, dlogits: np.ndarray, p: Dict[str, np.ndarray], name: str):
     """Returns (dx, grads of the head)."""
     W = p[f"{name}.weight"]

@@ -67,3 +67,15 @@ def test_decode_snaps_partial_words_and_tolerates_bad_sequences():
     probs[first_piece, tags.index("I-city")] = 1.0
     out = H.decode_bilou(text, b.offsets[0][:n], probs, tags)
     assert [(e["value"], e["entity"]) for e in out] == [("zuccherificio", "city")]
+
+
+def test_serving_head_equals_training_head():
+    """linear_head_predict (numba, no BLAS threads) computes what linear_head_forward does."""
+    rng = np.random.default_rng(3)
+    p = H.init_linear(77, 256, seed=1, name="head.intent")
+    p["head.intent.bias"][:] = rng.standard_normal(77).astype(np.float32)
+    for n in (1, 19):
+        x = rng.standard_normal((n, 256)).astype(np.float32)
+        got = H.linear_head_predict(x, p, "head.intent")
+        assert got.shape == (n, 77) and got.dtype == np.float32
+        np.testing.assert_allclose(got, H.linear_head_forward(x, p, "head.intent"), rtol=1e-5, atol=1e-5)
