@@ -14,6 +14,13 @@ For each dataset x system, one pair at a time:
   4. metrics (benchmarks/_metrics.py) and one JSON per pair under
      benchmarks/results/runs/<dataset>__<system>.json, written as soon as the pair finishes.
 
+DIET's 100 epochs can outlast a sitting on 2 cores (Banking77 or ATIS: hours). With
+--diet-chunk-epochs N its training runs as consecutive `rasa train nlu` runs of N epochs, each
+continuing the previous one through Rasa's own `--finetune` (weights and vocabularies carry
+over; the optimizer's moment estimates restart once per chunk); progress is saved after each
+chunk, and a pair interrupted mid-training resumes at its next chunk. The result lists each
+chunk; its training time is the sum of the chunks' (Rasa's start-up included in each).
+
 Systems (pipelines in benchmarks/configs/):
   diet             the `rasa init` default pipeline (../shared/baselines/diet_default.yml)
   slm360           WhitespaceTokenizer -> slm360_rasa.SLM360Classifier -> EntitySynonymMapper
@@ -28,6 +35,7 @@ Examples:
   benchmarks/compare.py --quick --datasets snips              # minutes: whole path, tiny data
   benchmarks/compare.py --datasets banking77 --systems diet,slm360
   benchmarks/compare.py --quick --slm360-set checkpoint=/tmp/small.safetensors
+  benchmarks/compare.py --datasets atis --systems diet --diet-chunk-epochs 25   # over several sittings
   benchmarks/report.py                                       # RESULTS.md + plots
 
 Run on a quiet machine: timings are ratios measured in one run on one machine. Results of
@@ -36,6 +44,7 @@ Run on a quiet machine: timings are ratios measured in one run on one machine. R
 from __future__ import annotations
 
 import argparse
+import copy
 import ast
 import datetime as _dt
 import hashlib
@@ -78,6 +87,8 @@ QUICK_WORK_DIR = ROOT / "runs" / "compare-quick"
 CLASSIFIER = "slm360_rasa.SLM360Classifier"
 FEATURIZER = "slm360_rasa.SLM360Featurizer"
 DIET = "DIETClassifier"
+DIET_DEFAULT_EPOCHS = 300  # DIETClassifier's own default, for a config that leaves `epochs` out
+CHUNKABLE = ("diet", "featurizer_diet")  # systems whose training --diet-chunk-epochs may split
 
 WARMUP_MESSAGES = 10
 SEED = 0
@@ -746,20 +757,89 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)  # atomic: a crash never leaves a half-written result that --resume trusts
 
 
+def _chunk_plan(cfg: dict, system: str, chunk_epochs: Optional[int]) -> Optional[List[int]]:
+    """Epochs of each `rasa train nlu` run when DIET trains in chunks, or None (one run)."""
+    if not chunk_epochs or system not in CHUNKABLE:
+        return None
+    diet = [c for c in cfg["pipeline"] if c.get("name") == DIET]
+    total = int(diet[0].get("epochs", DIET_DEFAULT_EPOCHS)) if diet else 0
+    if total <= chunk_epochs:
+        return None
+    return [chunk_epochs] * (total // chunk_epochs) + ([total % chunk_epochs] if total % chunk_epochs else [])
+
+
+def _train_in_chunks(plan: List[int], cfg: dict, nlu: Path, work: Path, env: dict, args, name: str,
+                     archive: Path, state_key: dict) -> dict:
+    """DIET's epochs as consecutive `rasa train nlu` runs, each after the first continuing the
+    previous run's model with `--finetune PREV --epoch-fraction F` (Rasa's own finetuning:
+    weights, vocabularies and label maps carry over; the optimizer's moments restart). Why:
+    DIET's 100 epochs outlast one sitting on a 2-core machine, and a killed `rasa train`
+    keeps nothing. Progress is saved after every chunk (chunks.json), so an interrupted
+    pair resumes at its next chunk. Returns run_monitored's dict with summed wall and CPU
+    time, the peak RSS over all chunks, and the per-chunk figures under "chunks"."""
+    state_path = work / "chunks.json"
+    state = {"key": state_key, "plan": plan, "done": []}
+    if state_path.is_file():
+        try:
+            prev = json.loads(state_path.read_text(encoding="utf-8"))
+        except ValueError:
+            prev = {}
+        if prev.get("key") == state_key and prev.get("plan") == plan:
+            state = prev
+    chunk_cfg = copy.deepcopy(cfg)
+    for comp in chunk_cfg["pipeline"]:
+        if comp.get("name") == DIET:
+            comp["epochs"] = plan[0]  # finetuning ignores `epochs` when comparing configs
+    config_path = work / "config_chunk.yml"
+    config_path.write_text(yaml.safe_dump(chunk_cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    models = work / "models"
+    for i in range(len(state["done"]), len(plan)):
+        out = models / f"chunk{i}.tar.gz"
+        cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config_path), "--nlu", str(nlu),
+               "--out", str(models), "--fixed-model-name", out.name]
+        if i:
+            cmd += ["--finetune", str(models / f"chunk{i - 1}.tar.gz"), "--epoch-fraction", repr(plan[i] / plan[0])]
+        _say(f"{name}: training chunk {i + 1}/{len(plan)} ({plan[i]} epochs, "
+             f"{sum(plan[:i])} done{' before this sitting' if i == len(state['done']) and i else ''}) ...")
+        run = run_monitored(cmd, work / f"train_chunk{i}.log", env, work, timeout_s=args.train_timeout)
+        if run["rc"] != 0 or not out.is_file():
+            run["log_tail"] = log_tail(work / f"train_chunk{i}.log")
+            run["rc"] = run["rc"] or 1
+            return {**run, "chunks": state["done"] + [run]}
+        state["done"].append({**run, "epochs": plan[i], "archive": str(out)})
+        _write_json(state_path, state)
+        _say(f"{name}: chunk {i + 1}/{len(plan)} trained in {run['wall_s']:.1f} s")
+    shutil.copyfile(models / f"chunk{len(plan) - 1}.tar.gz", archive)
+    done = state["done"]
+    return {"cmd": done[0]["cmd"], "rc": 0, "timed_out": False,
+            "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
+            "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": str(work / "train_chunk0.log"),
+            "chunks": done}
+
+
 def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: dict, out_path: Path) -> dict:
     """Train, evaluate and save one dataset x system; returns the saved result."""
     name = f"{ds.name}__{system}"
     work = Path(args.work_dir) / name
-    if work.exists():
+    config_text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+    plan = _chunk_plan(cfg, system, args.diet_chunk_epochs)
+    state_key = {"sha256": ds.sha256, "subsample": ds.subsample, "config": config_text, "env": dict(args.env)}
+    resuming = False
+    if plan and (work / "chunks.json").is_file():
+        try:
+            prev = json.loads((work / "chunks.json").read_text(encoding="utf-8"))
+        except ValueError:
+            prev = {}
+        resuming = prev.get("key") == state_key and prev.get("plan") == plan and bool(prev.get("done"))
+    if work.exists() and not resuming:
         shutil.rmtree(work)  # a previous model or log must never be mistaken for this run's
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     env = child_env(work, args.env)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_start = os.getloadavg()
 
     nlu = write_nlu_yaml(ds.train, work / "nlu.yml", source=ds.files["train"])
     n_unique = verify_round_trip(nlu, ds.train)
-    config_text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
     config_path = work / "config.yml"
     config_path.write_text(config_text, encoding="utf-8")
 
@@ -779,18 +859,23 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
 
     models = work / "models"
     archive = models / f"{name}.tar.gz"
-    # A name ending in .tar.gz is used verbatim by rasa (model_training._determine_model_name);
-    # without the suffix it would apply Path.with_suffix, which mangles names holding a dot.
-    cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config_path), "--nlu", str(nlu),
-           "--out", str(models), "--fixed-model-name", archive.name]
-    _say(f"{name}: training ({len(ds.train)} examples) ...")
-    train = run_monitored(cmd, work / "train.log", env, work, timeout_s=args.train_timeout)
+    if plan:
+        result["train_chunks"] = {"epochs": plan, "how": "rasa train nlu, then --finetune <previous chunk> "
+                                                         "--epoch-fraction per further chunk"}
+        train = _train_in_chunks(plan, cfg, nlu, work, env, args, name, archive, state_key)
+    else:
+        # A name ending in .tar.gz is used verbatim by rasa (model_training._determine_model_name);
+        # without the suffix it would apply Path.with_suffix, which mangles names holding a dot.
+        cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config_path), "--nlu", str(nlu),
+               "--out", str(models), "--fixed-model-name", archive.name]
+        _say(f"{name}: training ({len(ds.train)} examples) ...")
+        train = run_monitored(cmd, work / "train.log", env, work, timeout_s=args.train_timeout)
     result["train"] = train
     if train["rc"] != 0 or not archive.is_file():
         why = ("timed out" if train["timed_out"] else f"rc={train['rc']}") if train["rc"] != 0 else \
             "rasa exited 0 but wrote no model archive"
         result.update(status="train_failed", error=f"rasa train nlu failed ({why}); log: {train['log']}",
-                      log_tail=log_tail(work / "train.log"))
+                      log_tail=log_tail(Path(train["log"])))
         return _finish(result, out_path, load_start)
     result["archive_bytes"] = archive.stat().st_size
     result["model_mb"] = round(archive.stat().st_size / 2**20, 3)  # MiB, like every RSS figure here
@@ -935,6 +1020,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reeval", action="store_true",
                     help="do not train: parse the test messages again with each pair's saved model (after a "
                          "change to the serving code); training figures are kept, the result lists the re-runs")
+    ap.add_argument("--diet-chunk-epochs", type=int, default=None, metavar="N",
+                    help="train DIET (diet, featurizer_diet) in runs of N epochs, each continuing the last "
+                         "with rasa's --finetune; progress is kept after each run, so a pair that outlasts "
+                         "a sitting resumes at its next chunk (default: one run)")
     ap.add_argument("--train-timeout", type=float, default=None, metavar="S", help="kill training after S seconds")
     ap.add_argument("--eval-timeout", type=float, default=None, metavar="S", help="kill evaluation after S seconds")
     return ap
@@ -958,6 +1047,8 @@ def _run(args) -> int:
         raise CompareError(f"--systems: unknown {bad or 'empty list'}; choose from {', '.join(SYSTEMS)}")
     if not args.datasets:
         raise CompareError("--datasets: empty list")
+    if args.diet_chunk_epochs is not None and args.diet_chunk_epochs < 1:
+        raise CompareError(f"--diet-chunk-epochs {args.diet_chunk_epochs}: must be >= 1 (or leave it out)")
     if args.limit_test is not None and args.limit_test < 1:
         raise CompareError(f"--limit-test {args.limit_test}: must be >= 1")
     if not args.data_dir.is_dir():

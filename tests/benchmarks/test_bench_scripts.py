@@ -1,10 +1,8 @@
 """Smoke runs of the encoder benchmark and the frozen-embedding evaluation on tiny inputs."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 

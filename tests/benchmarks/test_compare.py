@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
 
@@ -461,8 +462,10 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
            "--slm360-set", f"checkpoint={ckpt}",
            # The smallest DIET that still runs the whole path: on 2 busy cores TensorFlow's graph
            # building dominates, and it shrinks with the model. The real runs use the default pipeline.
-           "--diet-set", "epochs=1", "--diet-set", "number_of_transformer_layers=0",
-           "--diet-set", "entity_recognition=false"]
+           "--diet-set", "epochs=2", "--diet-set", "number_of_transformer_layers=0",
+           "--diet-set", "entity_recognition=false",
+           # Two 1-epoch runs, the second through rasa's --finetune: the chunked path for real.
+           "--diet-chunk-epochs", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -481,7 +484,13 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
         assert r["data"]["n_train"] == 22 and r["data"]["n_entity_types"] == 1
         assert Path(r["archive"]).is_file() and r["archive"].endswith(f"tiny__{system}.tar.gz")
         assert "pipeline" in r["config"]["yaml"]
+    diet = json.loads((results / "tiny__diet.json").read_text())
+    chunks = diet["train"]["chunks"]
+    assert diet["train_chunks"]["epochs"] == [1, 1] and len(chunks) == 2
+    assert "--finetune" not in chunks[0]["cmd"] and "--finetune" in chunks[1]["cmd"]
+    assert diet["train"]["wall_s"] == pytest.approx(sum(c["wall_s"] for c in chunks), abs=0.01)
     slm = json.loads((results / "tiny__slm360.json").read_text())
+    assert "train_chunks" not in slm and "chunks" not in slm["train"]
     assert slm["config"]["overrides"][C.CLASSIFIER]["checkpoint"] == str(ckpt)
     assert slm["config"]["overrides"][C.CLASSIFIER]["epochs"] == C.QUICK["slm360_epochs"]
 
@@ -521,10 +530,71 @@ def test_training_failure_is_saved_with_rc_and_log_tail(tmp_path):
     ds = C.load_dataset(tmp_path / "data", "tiny")
     cfg, applied = C.build_config("slm360", True, {}, {}, {})
     cfg["pipeline"][1]["name"] = "NoSuchComponent"
-    args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=300, eval_timeout=None, quick=True, env={})
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=300, eval_timeout=None, quick=True, env={},
+                              diet_chunk_epochs=None)
     out = tmp_path / "results" / "tiny__slm360.json"
     r = C.run_pair(ds, "slm360", cfg, applied, args, {"cpu": "test"}, out)
     saved = json.loads(out.read_text())
     assert r["status"] == saved["status"] == "train_failed"
     assert saved["train"]["rc"] == 1 and "NoSuchComponent" in saved["log_tail"]
     assert "rc=1" in saved["error"] and "metrics" not in saved
+
+
+def test_chunk_plan_splits_diet_epochs_only():
+    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 100}]}
+    assert C._chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
+    assert C._chunk_plan(cfg, "diet", 30) == [30, 30, 30, 10]
+    assert C._chunk_plan(cfg, "diet", 100) is None and C._chunk_plan(cfg, "diet", None) is None
+    assert C._chunk_plan(cfg, "slm360", 25) is None  # its --finetune is continual learning, not resumption
+    assert C._chunk_plan({"pipeline": [{"name": C.DIET}]}, "diet", 100) == [100, 100, 100]  # DIET's default 300
+
+
+def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkeypatch):
+    """A sitting that dies in chunk 2 keeps chunk 1; the next run starts at chunk 2 from chunk 1's model."""
+    import argparse
+
+    _tiny_dataset(tmp_path / "data" / "tiny")
+    ds = C.load_dataset(tmp_path / "data", "tiny")
+    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 6}]}
+    calls = []
+
+    def fake_train(cmd, log_path, env, cwd, timeout_s=None):
+        calls.append(list(cmd))
+        out = Path(cmd[cmd.index("--out") + 1]) / cmd[cmd.index("--fixed-model-name") + 1]
+        fail = fail_at is not None and out.name == f"chunk{fail_at}.tar.gz"
+        if not fail:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(b"model " + out.name.encode())
+        log_path.write_text("log")
+        return {"cmd": cmd, "rc": 1 if fail else 0, "timed_out": False, "wall_s": 10.0, "cpu_s": 15.0,
+                "peak_rss_mb": 500.0 + len(calls), "log": str(log_path)}
+
+    def fake_eval(ds_, archive, work, env, args, result, train, out_path, load_start):
+        result.update(status="ok", evaluated=archive.read_bytes().decode(),
+                      metrics={"accuracy": 1.0, "parse_p50_ms": 1.0, "serve_peak_rss_mb": 1.0})
+        return C._finish(result, out_path, load_start)
+
+    monkeypatch.setattr(C, "run_monitored", fake_train)
+    monkeypatch.setattr(C, "evaluate_archive", fake_eval)
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=None, eval_timeout=None, quick=False,
+                              env={}, diet_chunk_epochs=2)
+    out = tmp_path / "results" / "tiny__diet.json"
+    fail_at = 1
+    r = C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
+    assert r["status"] == "train_failed" and len(calls) == 2
+    assert "--finetune" not in calls[0] and calls[1][calls[1].index("--finetune") + 1].endswith("chunk0.tar.gz")
+
+    fail_at, calls[:] = None, []
+    r = C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
+    assert r["status"] == "ok" and r["evaluated"] == "model chunk2.tar.gz"
+    assert [c[c.index("--fixed-model-name") + 1] for c in calls] == ["chunk1.tar.gz", "chunk2.tar.gz"]
+    assert calls[0][calls[0].index("--finetune") + 1].endswith("chunk0.tar.gz")
+    assert calls[0][calls[0].index("--epoch-fraction") + 1] == "1.0"
+    assert r["train"]["wall_s"] == 30.0 and r["train"]["cpu_s"] == 45.0 and len(r["train"]["chunks"]) == 3
+    assert yaml.safe_load((tmp_path / "work" / "tiny__diet" / "config_chunk.yml").read_text())["pipeline"][1]["epochs"] == 2
+
+    # Another config (or data) is a new run: nothing of the old chunks is reused.
+    cfg["pipeline"][1]["epochs"] = 4
+    calls[:] = []
+    C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
+    assert [c[c.index("--fixed-model-name") + 1] for c in calls] == ["chunk0.tar.gz", "chunk1.tar.gz"]

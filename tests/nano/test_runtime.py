@@ -1,6 +1,5 @@
 """Encoder (nano/runtime.py): parity with the numpy reference on real text, bad input, checkpoints."""
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
