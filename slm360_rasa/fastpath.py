@@ -385,6 +385,16 @@ class FastPath:
         best = max(fired, key=lambda r: r.reliability)
         return FastPathHit(best.intent, best.source, best.reliability * self.config.pattern_weight, None, best.name)
 
+    def restrict(self, intents: Sequence[str]) -> int:
+        """Drop every pattern whose intent is not in `intents` (say, a hand-edited fastpath.json
+        naming an intent the model lacks: its hit must not answer instead of the encoder).
+        Returns how many were dropped."""
+        keep = set(intents)
+        before = len(self)
+        self.exact = {norm: p for norm, p in self.exact.items() if p.intent in keep}
+        self.rules = [r for r in self.rules if r.intent in keep]
+        return before - len(self)
+
     # ------------------------------------------------------------------ persistence
 
     def to_dict(self) -> dict:

@@ -368,3 +368,13 @@ def test_needs_encoder_per_mode():
     assert needs_encoder(unknown_entities, "hybrid", True) and not needs_encoder(unknown_entities, "hybrid", False)
     with pytest.raises(ValueError, match="mode"):
         needs_encoder(None, "fast", True)
+
+
+def test_restrict_drops_patterns_of_other_intents():
+    fp = FastPath.build(TEXTS, LABELS, regexes=[{"name": "opening", "pattern": r"\b(open|close)\b"}])
+    n_hours = sum(p.intent == "hours" for p in fp.exact.values()) + 1  # + the regex
+    assert fp.match("when do you open on sunday please") is not None
+    assert fp.restrict([i for i in set(LABELS) if i != "hours"]) == n_hours
+    assert all(p.intent != "hours" for p in fp.exact.values()) and not fp.rules
+    assert fp.match("when do you open on sunday please") is None
+    assert fp.restrict(set(LABELS)) == 0

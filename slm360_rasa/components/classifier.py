@@ -270,6 +270,12 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         # Compile (or load from numba's cache) the serving kernels here, at `rasa run` start-up:
         # otherwise the first user message pays for it (up to ~30 s on a fresh install).
         logger.debug("SLM360Classifier: encoder warmed up in %.2f s", model.warm_up())
+        if fastpath is not None and model.intents:
+            dropped = fastpath.restrict(model.intents)
+            if dropped:
+                logger.warning(f"SLM360Classifier: {dropped} fast-path pattern(s) in {FASTPATH_FILE} name intents "
+                               "the model does not know; they are ignored. Retrain with `rasa train` to rebuild "
+                               "the patterns from the training data.")
         component = cls(config, model_storage, resource, execution_context, model=model)
         component._fastpath = fastpath
         return component
@@ -292,11 +298,6 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         texts = [_safe_text(m.get(TEXT)) for m in messages]
         use_patterns = mode != "semantic" and self._fastpath is not None
         hits = [self._fastpath.match(t) if use_patterns else None for t in texts]
-        if self._model.intents:
-            # A hit naming an intent the model lacks (a hand-edited fastpath.json) must not
-            # skip the encoder and leave the message without an intent.
-            known = set(self._model.intents)
-            hits = [h if h is None or h.intent in known else None for h in hits]
         wants_entities = bool(cfg["entity_recognition"] and self._model.entity_types)
         todo = [i for i, h in enumerate(hits) if needs_encoder(h, mode, wants_entities)]
         preds = dict(zip(todo, self._model.predict([texts[i] for i in todo]))) if todo else {}

@@ -201,12 +201,25 @@ def test_invalid_mode_names_the_key():
         SLM360Classifier.create({**SLM360Classifier.get_default_config(), "mode": "fast"}, None, None, None)
 
 
-def test_hit_on_an_intent_the_model_lacks_falls_back_to_the_encoder(fp_model, tmp_path, predict_calls):
-    from slm360_rasa.fastpath import FastPath
+def test_patterns_for_intents_the_model_lacks_are_dropped_at_load(fp_model, tmp_path, predict_calls, caplog):
+    """A hand-edited fastpath.json naming an unknown intent: warned about once at load, and
+    such a text goes to the encoder instead of answering with an intent the model lacks."""
+    from rasa.engine.graph import ExecutionContext
+    from rasa.engine.storage.local_model_storage import LocalModelStorage
+    from rasa.engine.storage.resource import Resource
 
-    clf = _component(fp_model, tmp_path)
+    from slm360_rasa.components.classifier import FASTPATH_FILE, SLM360Classifier
+
+    storage, metadata = LocalModelStorage.from_model_archive(tmp_path / "storage", fp_model)
+    path = tmp_path / "storage" / RESOURCE / FASTPATH_FILE
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["exact"]["hello there"] = {"intent": "greet", "support": 1, "entities": None}  # not an intent of the model
+    path.write_text(json.dumps(d), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        clf = SLM360Classifier.load(SLM360Classifier.get_default_config(), storage, Resource(RESOURCE),
+                                    ExecutionContext(metadata.train_schema))
+    assert "1 fast-path pattern(s)" in caplog.text and "hello there" not in clf._fastpath.exact
     predict_calls.clear()  # the warm-up at load
-    clf._fastpath = FastPath.build(["hello there"], ["greet"])  # "greet" is no intent of the model
     (msg,) = clf.process(_messages("Hello there!"))
     assert predict_calls == [["Hello there!"]]
     assert msg.get("intent")["name"] in {"book_table", "opening_hours", "menu"}
