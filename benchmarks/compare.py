@@ -793,7 +793,15 @@ def _train_in_chunks(plan: List[int], cfg: dict, nlu: Path, work: Path, env: dic
     config_path = work / "config_chunk.yml"
     config_path.write_text(yaml.safe_dump(chunk_cfg, sort_keys=False, allow_unicode=True), encoding="utf-8")
     models = work / "models"
-    for i in range(len(state["done"]), len(plan)):
+    first = len(state["done"])
+    for i in range(first, len(plan)):
+        if args.max_chunks is not None and i - first >= args.max_chunks:
+            _say(f"{name}: stopping after {args.max_chunks} chunk(s) (--max-chunks); {i}/{len(plan)} done, "
+                 "run the same command again to continue")
+            done = state["done"]
+            return {"cmd": done[-1]["cmd"], "rc": 0, "timed_out": False, "incomplete": True,
+                    "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
+                    "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": done[-1]["log"], "chunks": done}
         out = models / f"chunk{i}.tar.gz"
         cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config_path), "--nlu", str(nlu),
                "--out", str(models), "--fixed-model-name", out.name]
@@ -871,6 +879,11 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
         _say(f"{name}: training ({len(ds.train)} examples) ...")
         train = run_monitored(cmd, work / "train.log", env, work, timeout_s=args.train_timeout)
     result["train"] = train
+    if train.get("incomplete"):
+        result.update(status="train_incomplete",
+                      error=f"{len(train['chunks'])}/{len(plan)} training chunks done (--max-chunks); "
+                            "run the same command again to continue")
+        return _finish(result, out_path, load_start)
     if train["rc"] != 0 or not archive.is_file():
         why = ("timed out" if train["timed_out"] else f"rc={train['rc']}") if train["rc"] != 0 else \
             "rasa exited 0 but wrote no model archive"
@@ -1024,6 +1037,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train DIET (diet, featurizer_diet) in runs of N epochs, each continuing the last "
                          "with rasa's --finetune; progress is kept after each run, so a pair that outlasts "
                          "a sitting resumes at its next chunk (default: one run)")
+    ap.add_argument("--max-chunks", type=int, default=None, metavar="K",
+                    help="with --diet-chunk-epochs: train at most K chunks in this invocation, then stop (the "
+                         "pair is saved as train_incomplete and resumes next time), e.g. to keep the machine "
+                         "quiet for another measurement between chunks")
     ap.add_argument("--train-timeout", type=float, default=None, metavar="S", help="kill training after S seconds")
     ap.add_argument("--eval-timeout", type=float, default=None, metavar="S", help="kill evaluation after S seconds")
     return ap
@@ -1047,6 +1064,8 @@ def _run(args) -> int:
         raise CompareError(f"--systems: unknown {bad or 'empty list'}; choose from {', '.join(SYSTEMS)}")
     if not args.datasets:
         raise CompareError("--datasets: empty list")
+    if args.max_chunks is not None and (args.max_chunks < 1 or not args.diet_chunk_epochs):
+        raise CompareError(f"--max-chunks {args.max_chunks}: needs --diet-chunk-epochs and a value >= 1")
     if args.diet_chunk_epochs is not None and args.diet_chunk_epochs < 1:
         raise CompareError(f"--diet-chunk-epochs {args.diet_chunk_epochs}: must be >= 1 (or leave it out)")
     if args.limit_test is not None and args.limit_test < 1:

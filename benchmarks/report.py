@@ -96,6 +96,10 @@ def cell(results: Results, dataset: str, system: str, key: str, fmt: str, na: st
     r = results.get((dataset, system))
     if r is None:
         return NOT_RUN
+    if r.get("status") == "train_incomplete":
+        done = len((r.get("train") or {}).get("chunks") or [])
+        total = len((r.get("train_chunks") or {}).get("epochs") or []) or "?"
+        return f"training ({done}/{total} chunks)"
     if not _ok(r):
         return f"failed ({r.get('status')})"
     v = (r.get("metrics") or {}).get(key)

@@ -531,7 +531,7 @@ def test_training_failure_is_saved_with_rc_and_log_tail(tmp_path):
     cfg, applied = C.build_config("slm360", True, {}, {}, {})
     cfg["pipeline"][1]["name"] = "NoSuchComponent"
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=300, eval_timeout=None, quick=True, env={},
-                              diet_chunk_epochs=None)
+                              diet_chunk_epochs=None, max_chunks=None)
     out = tmp_path / "results" / "tiny__slm360.json"
     r = C.run_pair(ds, "slm360", cfg, applied, args, {"cpu": "test"}, out)
     saved = json.loads(out.read_text())
@@ -577,7 +577,7 @@ def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkey
     monkeypatch.setattr(C, "run_monitored", fake_train)
     monkeypatch.setattr(C, "evaluate_archive", fake_eval)
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=None, eval_timeout=None, quick=False,
-                              env={}, diet_chunk_epochs=2)
+                              env={}, diet_chunk_epochs=2, max_chunks=None)
     out = tmp_path / "results" / "tiny__diet.json"
     fail_at = 1
     r = C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
@@ -585,6 +585,12 @@ def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkey
     assert "--finetune" not in calls[0] and calls[1][calls[1].index("--finetune") + 1].endswith("chunk0.tar.gz")
 
     fail_at, calls[:] = None, []
+    args.max_chunks = 1  # one chunk per sitting: saved as incomplete, resumable
+    r = C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
+    assert r["status"] == "train_incomplete" and "2/3" in r["error"] and len(calls) == 1
+    assert json.loads(out.read_text())["status"] == "train_incomplete"
+
+    args.max_chunks = None
     r = C.run_pair(ds, "diet", cfg, {}, args, {"cpu": "test"}, out)
     assert r["status"] == "ok" and r["evaluated"] == "model chunk2.tar.gz"
     assert [c[c.index("--fixed-model-name") + 1] for c in calls] == ["chunk1.tar.gz", "chunk2.tar.gz"]
