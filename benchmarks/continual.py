@@ -25,6 +25,15 @@ Protocol, on one dataset (default Banking77), seeded:
 Forgetting = accuracy on A held-out before the update minus after. Hyperparameters (lambda)
 are to be chosen on the held-out sets, never on test.
 
+`--protocol skewed` changes one thing: the update data. Two halves drawn alike teach the
+model nothing that contradicts half A, and a fine-tuned pretrained encoder then does not
+forget (measured: plain finetuning *gains* on A held-out). Real updates are lopsided: a bot
+gets new examples for a few intents. Skewed keeps every half-B example of a seeded
+`--focus-share` of the intents and only `--skew-rest` examples of each other intent (the
+label set stays whole, as Rasa's finetune validator requires), so plain finetuning shifts
+the model towards the focus intents: the setting where forgetting shows and where EWC and
+replay have something to prevent. B held-out is drawn from this skewed B.
+
 Writes benchmarks/results/continual_<dataset>.json and .md. Resumable: the half-A model is
 saved under --work-dir and reused when its recipe (data hash, seed, epochs) matches.
 """
@@ -71,6 +80,23 @@ def split_halves(train, seed: int):
     return half_a, half_b
 
 
+def skew_update(half_b, seed: int, focus_share: float, rest: int):
+    """(skewed half B, focus intents): every example of a seeded `focus_share` of the intents,
+    the first `rest` examples (in file order) of each other intent."""
+    import numpy as np
+
+    intents = sorted({r.intent for r in half_b})
+    n_focus = max(1, round(focus_share * len(intents)))
+    rng = np.random.default_rng([seed, 13])
+    focus = sorted(rng.choice(intents, size=n_focus, replace=False).tolist())
+    focus_set, kept, out = set(focus), {}, []
+    for r in half_b:
+        if r.intent in focus_set or kept.get(r.intent, 0) < rest:
+            out.append(r)
+            kept[r.intent] = kept.get(r.intent, 0) + 1
+    return out, focus
+
+
 def evaluate(model, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
     """Top-1 intent accuracy of `model` (served weights) on each named example set (None for an empty set)."""
     from slm360_rasa.train.continual import intent_accuracy
@@ -98,6 +124,11 @@ def run(args) -> dict:
     if args.quick:
         ds = C.quick_subsample(ds, n_intents=4, per_intent=24, n_test=24)
     half_a, half_b = split_halves(ds.train, args.seed)
+    focus = None
+    if args.protocol == "skewed":
+        half_b, focus = skew_update(half_b, args.seed, args.focus_share, args.skew_rest)
+        _say(f"skewed update: {len(half_b)} half-B examples, all of {len(focus)} focus intents, "
+             f"at most {args.skew_rest} of each other intent")
     b_all = _examples(half_b)
     b_train, b_hold = holdout_split(b_all, 0.1, 500, [args.seed, 11])
     test = _examples(ds.test)
@@ -153,6 +184,9 @@ def run(args) -> dict:
         diet = run_diet(ds, args, work, _examples(half_a), a_hold, b_train, sets)
     result = {
         "schema": "slm360-continual/1", "dataset": ds.name, "quick": bool(args.quick), "seed": args.seed,
+        "protocol": args.protocol,
+        "skew": None if focus is None else {"focus_share": args.focus_share, "rest": args.skew_rest,
+                                            "focus_intents": focus},
         "machine": C.machine_description(),
         "split": {"half_a": len(half_a), "half_b": len(half_b), "b_train": len(b_train), "b_heldout": len(b_hold),
                   "a_heldout": len(a_hold), "test": len(test)},
@@ -160,7 +194,8 @@ def run(args) -> dict:
         "variants": variants,
         "diet": diet,
     }
-    out = Path(args.out_dir) / f"continual_{ds.name}{'_quick' if args.quick else ''}"
+    out = Path(args.out_dir) / (f"continual_{ds.name}{'_skewed' if args.protocol == 'skewed' else ''}"
+                                f"{'_quick' if args.quick else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
@@ -237,7 +272,12 @@ def markdown(r: dict) -> str:
     def f(x, fmt=".4f"):
         return "n/a" if x is None else format(x, fmt)
 
+    sk = r.get("skew")
+    proto = ("Protocol: skewed update (half B keeps all examples of "
+             f"{len(sk['focus_intents'])} focus intents, at most {sk['rest']} of each other intent)."
+             if sk else "Protocol: halves drawn alike (stratified by intent).")
     L = [f"# Continual learning on {r['dataset']}{' (QUICK MODE: not benchmark figures)' if r['quick'] else ''}", "",
+         proto, "",
          f"Machine: {r['machine'].get('cpu')} ({r['machine'].get('cores_usable')} cores). Seed {r['seed']}. "
          f"Half A: {s['half_a']} examples ({s['a_heldout']} of them held out by the model); half B: {s['half_b']} "
          f"({s['b_heldout']} held out, {s['b_train']} trained on). Test: {s['test']}.", "",
@@ -279,7 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-epoch-fraction", type=float, default=0.5,
                     help="update epochs = round(epochs x this), like rasa's --epoch-fraction (default 0.5)")
     ap.add_argument("--ewc-lambda", type=float, action="append", default=None,
-                    help="EWC strength of the ewc_replay update (repeatable: one update per value; default 1)")
+                    help="EWC strength of the ewc_replay update (repeatable: one update per value; default "
+                         "the sweep 0 0.1 1 10, where 0 is replay alone)")
+    ap.add_argument("--protocol", choices=("iid", "skewed"), default="iid",
+                    help="iid: half B drawn like half A (the issue's protocol, default); skewed: half B "
+                         "concentrated on a few intents (see above)")
+    ap.add_argument("--focus-share", type=float, default=0.2,
+                    help="skewed: share of the intents whose half-B examples are all kept (default 0.2)")
+    ap.add_argument("--skew-rest", type=int, default=2,
+                    help="skewed: examples kept of every other intent (default 2; >= 1 keeps the label set)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--checkpoint", default=None, help="pretrained encoder (default: the shipped one)")
     ap.add_argument("--quick", action="store_true", help="tiny subsample, for the test suite")
@@ -297,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command line entry point."""
     args = build_parser().parse_args(argv)
-    args.ewc_lambda = args.ewc_lambda or [1.0]
+    args.ewc_lambda = args.ewc_lambda or [0.0, 0.1, 1.0, 10.0]
+    if not 0 < args.focus_share < 1 or args.skew_rest < 1:
+        raise SystemExit("error: --focus-share must be in (0, 1) and --skew-rest >= 1 (every intent keeps an example)")
     args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     if set(args.systems) - {"slm360", "diet"}:
         raise SystemExit(f"error: --systems: unknown {sorted(set(args.systems) - {'slm360', 'diet'})}; "

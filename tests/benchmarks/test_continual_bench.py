@@ -60,6 +60,35 @@ def test_continual_experiment_reports_every_variant_and_resumes(setup):
     assert again.returncode == 0 and "half-A model exists, reused" in again.stderr
 
 
+def test_skewed_protocol_keeps_every_intent_and_all_of_the_focus_ones(setup):
+    tmp, ckpt = setup
+    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+           "--epochs", "2", "--ewc-lambda", "0", "--work-dir", str(tmp / "work"), "--out-dir", str(tmp / "out"),
+           "--no-progress", "--protocol", "skewed", "--focus-share", "0.34", "--skew-rest", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    r = json.loads((tmp / "out" / "continual_tiny_skewed.json").read_text())
+    assert r["protocol"] == "skewed" and len(r["skew"]["focus_intents"]) == 1  # round(0.34 x 3 intents)
+    s = r["split"]
+    assert s["half_b"] == 20 + 2 * 3 and s["b_train"] + s["b_heldout"] == s["half_b"]
+    assert [v["ewc_lambda"] for v in r["variants"]] == [None, 0.0]
+    assert "Protocol: skewed update" in (tmp / "out" / "continual_tiny_skewed.md").read_text()
+
+
+def test_skew_update_is_seeded():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare as C
+    import continual as CB
+
+    rows = [C.Example(f"text {i}", f"intent{i % 10}") for i in range(200)]
+    a, fa = CB.skew_update(rows, 42, 0.2, 2)
+    b, fb = CB.skew_update(rows, 42, 0.2, 2)
+    assert fa == fb and [r.text for r in a] == [r.text for r in b] and len(fa) == 2
+    assert len(a) == 2 * 20 + 8 * 2 and {r.intent for r in a} == {f"intent{k}" for k in range(10)}
+    assert CB.skew_update(rows, 7, 0.2, 2)[1] != fa or CB.skew_update(rows, 8, 0.2, 2)[1] != fa
+
+
 def test_help_and_bad_arguments():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "forgetting" in out.stdout.lower()
