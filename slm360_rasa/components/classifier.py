@@ -88,6 +88,11 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             "holdout_fraction": 0.1,
             # At most this many examples are held out.
             "holdout_max": 500,
+            # Out-of-scope handling: a "none of these" logit set at this quantile of the held-out
+            # examples' logit energy, so messages unlike every intent get low confidence and
+            # FallbackClassifier catches them (0.01: one held-out example in 100 would have its
+            # confidence halved). null = plain temperature scaling, confidences sum to 1.
+            "oos_quantile": 0.01,
             # Training examples stored in the model and replayed by `rasa train --finetune`.
             "replay_size": 1000,
             # EWC strength of `--finetune`: lambda/2 * sum F (w - w_old)^2 with F the Fisher
@@ -141,6 +146,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
                 intent_classification=bool(cfg["intent_classification"]),
                 entity_recognition=bool(cfg["entity_recognition"]),
                 holdout_fraction=float(cfg["holdout_fraction"]), holdout_max=cfg["holdout_max"],
+                oos_quantile=None if cfg["oos_quantile"] is None else float(cfg["oos_quantile"]),
                 replay_size=cfg["replay_size"], ewc_lambda=float(cfg["ewc_lambda"]),
                 max_forgetting=None if cfg["max_forgetting"] is None else float(cfg["max_forgetting"]),
             )

@@ -5,13 +5,32 @@ temperature T > 1, fitted on held-out examples by minimising the negative log-li
 makes the top probability track accuracy, so a FallbackClassifier threshold of 0.3 means
 roughly "right 30% of the time". T never changes which intent ranks first.
 
+Out-of-scope mass. A softmax over the bot's intents must hand all of its probability to
+them, so a message about none of them ("what's the weather on Mars") can still get 0.9
+for some intent. `fit_temperature_with_background` adds one more logit, b, for "none of
+these" (it is not an intent and never ranks): the served confidence of intent k is
+
+    p_k = exp(z_k / T) / (exp(b / T) + sum_j exp(z_j / T))
+        = softmax(z / T)_k * sigmoid((E - b) / T),   E = T logsumexp(z / T)
+
+E, the free energy of the logits (Liu et al. 2020, "Energy-based out-of-distribution
+detection"), is high when the encoder recognises the input as one of the intents and low
+when all logits are weak, which MSP alone (the top probability) does not see. b is set to
+the `quantile` of E over the held-out in-scope examples (an example that unfamiliar gets
+its confidence halved), and T is fitted with b in place by the same golden-section search
+on the held-out NLL, so in-scope confidences stay calibrated. Measured on the benchmark's
+CLINC150 model (its own 500 held-out examples, quantile 0.01; FallbackClassifier threshold
+chosen on valid / oos_valid as the README describes): oos_test recall 0.526 -> 0.652 while
+in-scope test accuracy drops 1.00 point instead of 1.07; test ECE 0.026 -> 0.020. On
+Banking77 (no out-of-scope data) ECE 0.010 -> 0.011.
+
 The ECE here is the one the benchmark reports (benchmarks/_metrics.py imports it): 15
 equal-width confidence bins of (0, 1], each weighted by its share of the examples.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,6 +96,60 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN
             d = a + _INV_PHI * (b - a)
             fd = nll(z, y, math.exp(d))
     return float(math.exp((a + b) / 2))
+
+
+def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """E = T logsumexp(z / T) per row of logits (N, K): high for inputs the classifier knows."""
+    z = np.asarray(logits, np.float64)
+    t = float(temperature)
+    top = z.max(axis=1)
+    return t * np.log(np.exp((z - top[:, None]) / t).sum(axis=1)) + top
+
+
+def background_softmax(logits: np.ndarray, temperature: float, background: Optional[float]) -> np.ndarray:
+    """Intent probabilities (N, K) float64: softmax over [z, background] / T without its last
+    column (they sum to P(in scope) < 1); the plain softmax(z / T) when background is None."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    if background is not None:
+        z = np.concatenate([z, np.full((z.shape[0], 1), float(background) / float(temperature))], axis=1)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    return p[:, : np.asarray(logits).shape[1]]
+
+
+def _nll_background(z: np.ndarray, y: np.ndarray, t: float, quantile: float) -> Tuple[float, float]:
+    b = float(np.quantile(energy(z, t), quantile))
+    p = background_softmax(z, t, b)[np.arange(len(y)), y]
+    return float(-np.mean(np.log(np.maximum(p, 1e-300)))), b
+
+
+def fit_temperature_with_background(logits: np.ndarray, labels: np.ndarray, quantile: float,
+                                    t_min: float = T_MIN, t_max: float = T_MAX) -> Tuple[float, float]:
+    """(T, b): the background logit b = `quantile` of the held-out energies at T, and the T in
+    [t_min, t_max] minimising the held-out NLL with b in place (fixed golden-section steps on
+    log T, as `fit_temperature`; deterministic). See the module docstring."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+    _check(z, y)
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    if not 0 < t_min <= 1 <= t_max:
+        raise ValueError(f"need 0 < t_min <= 1 <= t_max, got t_min={t_min!r}, t_max={t_max!r}")
+    a, b = math.log(t_min), math.log(t_max)
+    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
+    fc, fd = _nll_background(z, y, math.exp(c), quantile)[0], _nll_background(z, y, math.exp(d), quantile)[0]
+    for _ in range(_GOLDEN_STEPS):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _INV_PHI * (b - a)
+            fc = _nll_background(z, y, math.exp(c), quantile)[0]
+        else:
+            a, c, fc = c, d, fd
+            d = a + _INV_PHI * (b - a)
+            fd = _nll_background(z, y, math.exp(d), quantile)[0]
+    t = float(math.exp((a + b) / 2))
+    return t, _nll_background(z, y, t, quantile)[1]
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:

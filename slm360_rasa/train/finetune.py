@@ -31,7 +31,8 @@ from ..nano.checkpoint import load_checkpoint, save_checkpoint
 from ..nano.config import NanoConfig
 from ..nano.quant import float_params, quantize_params
 from . import heads as Hd
-from .calibration import expected_calibration_error, fit_temperature, nll
+from .calibration import (background_softmax, energy, expected_calibration_error, fit_temperature,
+                          fit_temperature_with_background, nll)
 from .continual import (FISHER_FORMAT, FISHER_PREFIX, check_fisher, decode_fisher, empirical_fisher,
                         encode_fisher)
 from .data import Examples, epoch_batches, holdout_split, pad, stratified_sample
@@ -46,6 +47,9 @@ ENTITY = "head.entity"
 # Fewer held-out examples than this leave T = 1: with a handful of examples one of them
 # moves the NLL optimum a long way, and a wrong T is worse than none.
 MIN_CALIBRATION_EXAMPLES = 20
+# The out-of-scope logit is used only if it leaves the median held-out example at least
+# this much in scope (sigmoid((E - b) / T)); see IntentEntityModel.calibrate.
+MIN_IN_SCOPE = 0.95
 
 # A penalty hook for `fit`: params -> (penalty value, gradients of the penalty).
 Penalty = Callable[[Dict[str, np.ndarray]], Tuple[float, Dict[str, np.ndarray]]]
@@ -71,6 +75,9 @@ class FinetuneConfig:
     entity_recognition: bool = True
     holdout_fraction: float = 0.1  # share of the examples held out (stratified) to fit the temperature on
     holdout_max: int = 500  # cap: 500 measure a 90% accuracy to +-1.3 points (binomial s.e.)
+    # "None of these" logit at this quantile of the held-out energies (train/calibration.py):
+    # out-of-scope messages get low confidence; None = plain temperature scaling.
+    oos_quantile: Optional[float] = 0.01
     replay_size: int = 1000  # training examples kept in the model and replayed by continual updates
     ewc_lambda: float = 1.0  # EWC strength; 1 weighs the old data's quadratic loss like the new data's loss
     max_forgetting: Optional[float] = 0.02  # guard: max drop of old held-out accuracy; None = guard off
@@ -95,6 +102,9 @@ class FinetuneConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if isinstance(self.holdout_fraction, bool) or not 0 <= self.holdout_fraction <= 0.5:
             raise ValueError(f"holdout_fraction must be in [0, 0.5], got {self.holdout_fraction!r}")
+        q = self.oos_quantile
+        if q is not None and (isinstance(q, bool) or not 0 < q <= 0.5):
+            raise ValueError(f"oos_quantile must be in (0, 0.5] or None (no out-of-scope logit), got {q!r}")
         if isinstance(self.fisher_examples, bool) or not isinstance(self.fisher_examples, int) \
                 or self.fisher_examples < 1:
             raise ValueError(f"fisher_examples must be a positive integer, got {self.fisher_examples!r}")
@@ -147,6 +157,7 @@ class IntentEntityModel:
         self.encoder = None
         self.history: List[dict] = []
         self.temperature = 1.0  # predict divides the intent logits by this (fitted on the held-out set)
+        self.background_logit: Optional[float] = None  # "none of these" logit (calibration.py); None = off
         self.calibration: dict = {}  # how the temperature was fitted: held-out size, accuracy, ECE before/after
         self.holdout = Examples()  # never trained on: temperature fitting and the continual-learning guard
         self.replay = Examples()  # a stratified sample of the training examples, replayed by updates
@@ -180,6 +191,7 @@ class IntentEntityModel:
                               max_length=self.max_length)
         m.history = [dict(h) for h in self.history]
         m.temperature, m.calibration = self.temperature, dict(self.calibration)
+        m.background_logit = self.background_logit
         m.holdout, m.replay = self.holdout.subset(range(len(self.holdout))), self.replay.subset(range(len(self.replay)))
         m.fisher_names, m.fisher_tensors = list(self.fisher_names), dict(self.fisher_tensors)
         m.continual = [dict(r) for r in self.continual]
@@ -386,8 +398,9 @@ class IntentEntityModel:
         """Fit the temperature on the held-out set's intent logits (the served weights) and
         record held-out accuracy, NLL and ECE before and after; T = 1 when there are fewer
         than MIN_CALIBRATION_EXAMPLES readable held-out examples or no intent head."""
-        self.temperature = 1.0
-        info: dict = {"n_holdout": len(self.holdout), "temperature": 1.0, "fitted": False}
+        self.temperature, self.background_logit = 1.0, None
+        info: dict = {"n_holdout": len(self.holdout), "temperature": 1.0, "fitted": False,
+                      "oos_quantile": self.cfg.oos_quantile, "background_logit": None}
         if f"{INTENT}.weight" not in self.heads or not self.intents:
             info["reason"] = "no intent head"
             self.calibration = info
@@ -407,12 +420,28 @@ class IntentEntityModel:
             logger.info("SLM360: %d held-out examples (< %d), confidences are not calibrated (T = 1)",
                         len(rows), MIN_CALIBRATION_EXAMPLES)
         else:
-            t = fit_temperature(z, y)
-            self.temperature = t
-            info.update(temperature=t, fitted=True, nll_after=nll(z, y, t),
-                        ece_after=expected_calibration_error(Hd.softmax(z / t).max(1), correct))
-            logger.info("SLM360: temperature %.3f fitted on %d held-out examples (accuracy %.3f, ECE %.3f -> %.3f)",
-                        t, len(rows), info["accuracy"], info["ece_before"], info["ece_after"])
+            t, b = fit_temperature(z, y), None
+            if self.cfg.oos_quantile:
+                t_bg, b_bg = fit_temperature_with_background(z, y, self.cfg.oos_quantile)
+                # The "none of these" logit only helps where held-out energies are spread out,
+                # i.e. the model knows its intents well: a typical held-out example must stay at
+                # least MIN_IN_SCOPE in scope. A weak model (tiny bot, few epochs) has all its
+                # energies close together, and the logit would take mass from every answer.
+                typical = float(np.median(1.0 / (1.0 + np.exp((b_bg - energy(z, t_bg)) / t_bg))))
+                info["typical_in_scope"] = typical
+                if typical >= MIN_IN_SCOPE:
+                    t, b = t_bg, b_bg
+                else:
+                    info["background_off"] = (f"a typical held-out example would be only {typical:.2f} in scope "
+                                              f"(< {MIN_IN_SCOPE}): plain temperature scaling")
+            self.temperature, self.background_logit = t, b
+            p = background_softmax(z, t, b)
+            info.update(temperature=t, background_logit=b, fitted=True,
+                        nll_after=float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-300)))),
+                        ece_after=expected_calibration_error(p.max(1), correct))
+            logger.info("SLM360: temperature %.3f%s fitted on %d held-out examples (accuracy %.3f, ECE %.3f -> %.3f)",
+                        t, "" if b is None else f" and out-of-scope logit {b:.2f}", len(rows), info["accuracy"],
+                        info["ece_before"], info["ece_after"])
         self.calibration = info
         return info
 
@@ -446,8 +475,9 @@ class IntentEntityModel:
         return time.perf_counter() - t0
 
     def predict(self, texts: Sequence[str]) -> List[Prediction]:
-        """Intent probabilities (calibrated: softmax(logits / temperature)) and entities for
-        each text (one batched encoder call)."""
+        """Intent probabilities (calibrated: softmax(logits / temperature), with the out-of-scope
+        logit when fitted, so they may sum to less than 1) and entities for each text (one
+        batched encoder call)."""
         if not texts:
             return []
         states = self.runtime().token_states(list(texts))
@@ -462,7 +492,7 @@ class IntentEntityModel:
             if has_i:
                 pooled = s.states.mean(axis=0)
                 logits = Hd.linear_head_predict(pooled[None], self.heads, INTENT)
-                probs = Hd.softmax(logits / np.float32(self.temperature))[0]
+                probs = background_softmax(logits, self.temperature, self.background_logit)[0].astype(np.float32)
             if has_e:
                 eprobs = Hd.softmax(Hd.linear_head_predict(s.states, self.heads, ENTITY))
                 ents = Hd.decode_bilou(text, s.offsets, eprobs, self.tags)
@@ -484,8 +514,8 @@ class IntentEntityModel:
         extra = {"kind": MODEL_KIND, "version": MODEL_VERSION, "precision": self.precision,
                  "intents": self.intents, "entity_types": self.entity_types, "tags": self.tags,
                  "finetune": asdict(self.cfg), "max_length": self.max_length, "history": self.history,
-                 "temperature": self.temperature, "calibration": self.calibration,
-                 "holdout": self.holdout.to_json(), "replay": self.replay.to_json(),
+                 "temperature": self.temperature, "background_logit": self.background_logit,
+                 "calibration": self.calibration, "holdout": self.holdout.to_json(), "replay": self.replay.to_json(),
                  "fisher": {"format": FISHER_FORMAT, "names": self.fisher_names}, "continual": self.continual}
         return save_checkpoint(path, tensors, self.nano, self.tokenizer.sha256, extra=_json_safe(extra))
 
@@ -508,6 +538,10 @@ class IntentEntityModel:
         m.history = list(ckpt.extra.get("history", []))
         # Files written before calibration and continual learning existed load with their defaults.
         m.temperature = float(ckpt.extra.get("temperature", 1.0))
+        b = ckpt.extra.get("background_logit")
+        if b is not None and not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)):
+            raise ValueError(f"{path}: background_logit must be a finite number or null, got {b!r}")
+        m.background_logit = None if b is None else float(b)
         m.calibration = dict(ckpt.extra.get("calibration", {}))
         m.continual = list(ckpt.extra.get("continual", []))
         try:

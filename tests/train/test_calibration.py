@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slm360_rasa.train.calibration import (T_MAX, T_MIN, expected_calibration_error, fit_temperature, nll,
-                                           reliability_bins)
+from slm360_rasa.train.calibration import (T_MAX, T_MIN, background_softmax, energy, expected_calibration_error,
+                                           fit_temperature, fit_temperature_with_background, nll, reliability_bins)
 
 
 def _softmax(z):
@@ -104,3 +104,40 @@ def test_benchmark_uses_this_ece():
 
     assert _metrics.expected_calibration_error is calibration.expected_calibration_error
     assert _metrics.reliability_bins is calibration.reliability_bins
+
+
+def test_background_softmax_and_energy_by_definition():
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((50, 6)) * 3
+    np.testing.assert_allclose(background_softmax(z, 1.7, None), _softmax(z / 1.7), rtol=1e-12)
+    e = energy(z, 1.7)
+    np.testing.assert_allclose(e, 1.7 * np.log(np.exp(z / 1.7).sum(axis=1)), rtol=1e-12)
+    p = background_softmax(z, 1.7, 2.0)
+    # softmax(z / T) times P(in scope) = sigmoid((E - b) / T); the ranking never changes.
+    np.testing.assert_allclose(p, _softmax(z / 1.7) / (1 + np.exp((2.0 - e) / 1.7))[:, None], rtol=1e-10)
+    assert (p.sum(axis=1) < 1).all() and (p.argmax(axis=1) == z.argmax(axis=1)).all()
+
+
+def test_background_logit_lowers_confidence_where_every_logit_is_weak():
+    """In-scope rows have one strong logit; "out-of-scope" rows only weak ones, which plain
+    softmax can still make confident. The background logit separates them; the fit keeps
+    held-out NLL at least as good as T alone could with the background in place."""
+    rng = np.random.default_rng(0)
+    n, k = 2000, 10
+    y = rng.integers(0, k, n)
+    z = rng.standard_normal((n, k))
+    z[np.arange(n), y] += 8.0  # in scope: energy about 8
+    oos = rng.standard_normal((500, k))
+    oos[:, 0] += 2.5  # weak but peaked: plain softmax still puts ~0.6 on intent 0
+    t, b = fit_temperature_with_background(z, y, 0.01)
+    assert b == pytest.approx(np.quantile(energy(z, t), 0.01))
+    assert (t, b) == fit_temperature_with_background(z, y, 0.01)  # deterministic
+    plain = _softmax(oos / fit_temperature(z, y)).max(axis=1)
+    with_bg = background_softmax(oos, t, b).max(axis=1)
+    assert np.median(plain) > 0.4 and np.median(with_bg) < 0.05
+    inscope = background_softmax(z, t, b).max(axis=1)
+    assert np.median(inscope) > 0.97  # in-scope confidences barely move
+    ece_bg = expected_calibration_error(inscope, background_softmax(z, t, b).argmax(axis=1) == y)
+    assert ece_bg < 0.02
+    with pytest.raises(ValueError, match="quantile"):
+        fit_temperature_with_background(z, y, 0.0)

@@ -13,8 +13,8 @@ from slm360_rasa.nano.checkpoint import save_checkpoint
 from slm360_rasa.nano.config import NanoConfig
 from slm360_rasa.nano.model import init_params
 from slm360_rasa.nano.tokenizer import NanoTokenizer
-from slm360_rasa.train.calibration import fit_temperature, nll
-from slm360_rasa.train.finetune import MIN_CALIBRATION_EXAMPLES, FinetuneConfig, IntentEntityModel
+from slm360_rasa.train.calibration import background_softmax, fit_temperature, fit_temperature_with_background, nll
+from slm360_rasa.train.finetune import MIN_CALIBRATION_EXAMPLES, MIN_IN_SCOPE, FinetuneConfig, IntentEntityModel
 from toybot import columns, toy_examples
 
 SMALL = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
@@ -104,6 +104,8 @@ def test_config_validation_names_the_key():
         FinetuneConfig(epochs=0)
     with pytest.raises(ValueError, match="freeze_layers"):
         FinetuneConfig(freeze_layers=-1)
+    with pytest.raises(ValueError, match="oos_quantile"):
+        FinetuneConfig(oos_quantile=0.9)
     for key, bad in [("holdout_fraction", 0.7), ("holdout_max", -1), ("replay_size", 1.5), ("ewc_lambda", -1.0),
                      ("ewc_lambda", float("inf")), ("max_forgetting", 2.0), ("fisher_examples", 0)]:
         with pytest.raises(ValueError, match=key):
@@ -114,34 +116,56 @@ def test_config_validation_names_the_key():
 # ------------------------------------------------------------------ held-out set and calibration
 
 
-def test_temperature_is_fitted_on_held_out_examples_and_used_by_predict(checkpoint, tmp_path):
+@pytest.mark.parametrize("oos_quantile,epochs", [(0.01, 2), (0.01, 8), (None, 2)])
+def test_temperature_is_fitted_on_held_out_examples_and_used_by_predict(checkpoint, tmp_path, oos_quantile, epochs):
     data = toy_examples(16)
-    m = IntentEntityModel.from_pretrained(FinetuneConfig(epochs=2, batch_size=8, learning_rate=2e-3,
-                                                         holdout_fraction=0.5), checkpoint=str(checkpoint))
+    m = IntentEntityModel.from_pretrained(FinetuneConfig(epochs=epochs, batch_size=8, learning_rate=2e-3,
+                                                         holdout_fraction=0.5, oos_quantile=oos_quantile),
+                                          checkpoint=str(checkpoint))
     m.fit(*columns(data), progress=False)
     # 24 of 48 held out (8 per intent), none of them trained on or replayed.
     assert len(m.holdout) == 24 and sorted(set(m.holdout.intents)) == m.intents
     assert not set(m.holdout.texts) & set(m.replay.texts) and len(m.replay) == 24
     cal = m.calibration
     assert cal["fitted"] and cal["n_used"] == 24 >= MIN_CALIBRATION_EXAMPLES
-    # The stored T is the NLL optimum over the held-out intent logits of the served (INT4) model.
+    # The stored T (and out-of-scope logit) are the NLL optimum over the held-out intent
+    # logits of the served (INT4) model.
     z = m.intent_logits(m.holdout.texts).astype(np.float64)
     y = np.array([m.intents.index(i) for i in m.holdout.intents])
-    assert m.temperature == fit_temperature(z, y) == cal["temperature"] and m.temperature != 1.0
-    assert cal["nll_after"] == pytest.approx(nll(z, y, m.temperature)) and cal["nll_after"] <= cal["nll_before"]
+    if m.background_logit is None:
+        assert m.temperature == fit_temperature(z, y)
+        assert cal["nll_after"] == pytest.approx(nll(z, y, m.temperature)) and cal["nll_after"] <= cal["nll_before"]
+    else:
+        assert (m.temperature, m.background_logit) == fit_temperature_with_background(z, y, oos_quantile)
+    # The out-of-scope logit is kept exactly when a typical held-out example stays >= 95% in scope:
+    # after 2 epochs the toy model's energies are too close together (off), after 8 they are not.
+    assert (m.background_logit is not None) == (oos_quantile is not None and cal["typical_in_scope"] >= MIN_IN_SCOPE)
+    assert (m.background_logit is not None) == (oos_quantile is not None and epochs == 8)
+    assert ("background_off" in cal) == (oos_quantile is not None and epochs == 2)
+    assert m.temperature == cal["temperature"] and m.temperature != 1.0 and cal["background_logit"] == m.background_logit
     assert cal["accuracy"] == pytest.approx(float(np.mean(z.argmax(1) == y)))
     assert {"ece_before", "ece_after"} <= set(cal)
-    # predict = softmax(logits / T).
+    # predict = softmax over [logits, background] / T without the background's column.
     texts = ["book a table for 7", "when do you open", "show me the menu"]
-    zz = m.intent_logits(texts) / np.float32(m.temperature)
-    expected = np.exp(zz - zz.max(1, keepdims=True))
-    expected /= expected.sum(1, keepdims=True)
+    expected = background_softmax(m.intent_logits(texts), m.temperature, m.background_logit)
     got = np.stack([p.intent_probs for p in m.predict(texts)])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-    # save/load keeps T (and so the probabilities) exactly.
+    assert (got.sum(axis=1) < 1).all() if m.background_logit is not None else np.allclose(got.sum(axis=1), 1, atol=1e-6)
+    # save/load keeps T and the logit (and so the probabilities) exactly.
     back = IntentEntityModel.load(m.save(tmp_path / "m.safetensors"))
     assert back.temperature == m.temperature and back.calibration == m.calibration
+    assert back.background_logit == m.background_logit
     assert np.array_equal(np.stack([p.intent_probs for p in back.predict(texts)]), got)
+
+
+def test_corrupt_background_logit_is_refused(checkpoint, tmp_path):
+    from slm360_rasa.nano.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(_fit(checkpoint, epochs=1).save(tmp_path / "m.safetensors"))
+    bad = save_checkpoint(tmp_path / "bad.safetensors", ck.tensors, ck.config, ck.tokenizer_sha256,
+                          extra={**ck.extra, "background_logit": "high"})
+    with pytest.raises(ValueError, match="background_logit"):
+        IntentEntityModel.load(bad)
 
 
 def test_few_held_out_examples_leave_the_temperature_at_one(checkpoint):
@@ -158,7 +182,8 @@ def test_a_model_saved_before_calibration_and_continual_state_still_loads(checkp
     m = _fit(checkpoint, epochs=1)
     ck = load_checkpoint(m.save(tmp_path / "new.safetensors"))
     old_extra = {k: v for k, v in ck.extra.items()
-                 if k not in ("temperature", "calibration", "holdout", "replay", "fisher", "continual")}
+                 if k not in ("temperature", "background_logit", "calibration", "holdout", "replay", "fisher",
+                              "continual")}
     tensors = {k: v for k, v in ck.tensors.items() if not k.startswith("fisher.")}
     old = IntentEntityModel.load(save_checkpoint(tmp_path / "old.safetensors", tensors, ck.config,
                                                  ck.tokenizer_sha256, extra=old_extra))
