@@ -238,8 +238,24 @@ def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
     texts_path = wdir / "eval_texts.json"
     texts_path.write_text(json.dumps({"texts": texts, "warmup": texts[:C.WARMUP_MESSAGES]}), encoding="utf-8")
 
-    def train(name, nlu, extra):
+    # Each finished step (train + evaluate) is recorded with a key of everything it used, so a
+    # rerun (another sitting, or the other --protocol: same half A) skips it. DIET's half-A
+    # training alone takes over an hour on 2 cores.
+    state_path = wdir / "steps.json"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+
+    def train(name, nlu, extra, depends=""):
         archive = wdir / "models" / f"{name}.tar.gz"
+        key = hashlib.sha256("\0".join([config.read_text(encoding="utf-8"), Path(nlu).read_text(encoding="utf-8"),
+                                         json.dumps(extra), depends, texts_path.read_text(encoding="utf-8")])
+                             .encode()).hexdigest()
+        done = state.get(name)
+        if done and done.get("key") == key and archive.is_file():
+            _say(f"DIET {name}: done in an earlier run, reused ({archive})")
+            return archive, done["wall_s"], done["accuracy"], key
         cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config), "--nlu", str(nlu),
                "--out", str(archive.parent), "--fixed-model-name", archive.name] + extra
         _say(f"DIET {name}: rasa train nlu {' '.join(extra)} ...")
@@ -251,11 +267,14 @@ def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
                               str(texts_path), "--out", str(raw)], wdir / f"{name}.eval.log", env, wdir)
         if ev["rc"] != 0:
             raise C.CompareError(f"DIET {name}: evaluation failed; log: {wdir / (name + '.eval.log')}")
-        return archive, r["wall_s"], _diet_accuracy(raw, sets)
+        accuracy = _diet_accuracy(raw, sets)
+        state[name] = {"key": key, "wall_s": r["wall_s"], "accuracy": accuracy}
+        state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
+        return archive, r["wall_s"], accuracy, key
 
-    archive_a, wall_a, before = train("half_a", nlu_a, [])
-    _, wall_b, after = train("finetune_b", nlu_b, ["--finetune", str(archive_a), "--epoch-fraction",
-                                                   str(args.finetune_epoch_fraction)])
+    archive_a, wall_a, before, key_a = train("half_a", nlu_a, [])
+    _, wall_b, after, _ = train("finetune_b", nlu_b, ["--finetune", str(archive_a), "--epoch-fraction",
+                                                      str(args.finetune_epoch_fraction)], depends=key_a)
     rec = {"epochs": cfg["pipeline"][[c["name"] for c in cfg["pipeline"]].index("DIETClassifier")]["epochs"],
            "epoch_fraction": args.finetune_epoch_fraction, "n_half_a_trained": len(a_rows), "train_s": wall_a,
            "finetune_s": wall_b, "before": before, "after": after,

@@ -117,3 +117,13 @@ def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
     assert d["forgetting_a"] == pytest.approx(d["before"]["a_heldout"] - d["after"]["a_heldout"])
     assert d["train_s"] > 0 and d["finetune_s"] > 0 and d["epochs"] == 1
     assert "DIET `--finetune` (anchor)" in (tmp / "out-diet" / "continual_tiny.md").read_text()
+
+    # The other protocol shares half A: DIET's half-A model is reused, only the update runs.
+    skewed = subprocess.run(cmd + ["--protocol", "skewed", "--focus-share", "0.34", "--skew-rest", "3"],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    assert skewed.returncode == 0, skewed.stderr[-3000:]
+    assert "DIET half_a: done in an earlier run, reused" in skewed.stderr
+    assert "DIET finetune_b: rasa train nlu --finetune" in skewed.stderr
+    ds = json.loads((tmp / "out-diet" / "continual_tiny_skewed.json").read_text())["diet"]
+    assert ds["before"] == d["before"] and ds["train_s"] == d["train_s"]
