@@ -238,9 +238,9 @@ def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
     texts_path = wdir / "eval_texts.json"
     texts_path.write_text(json.dumps({"texts": texts, "warmup": texts[:C.WARMUP_MESSAGES]}), encoding="utf-8")
 
-    # Each finished step (train + evaluate) is recorded with a key of everything it used, so a
-    # rerun (another sitting, or the other --protocol: same half A) skips it. DIET's half-A
-    # training alone takes over an hour on 2 cores.
+    # Each finished training is recorded with a key of everything it used, so a rerun (another
+    # sitting, or the other --protocol: same half A) skips it and only evaluates again where the
+    # evaluation sets changed. DIET's half-A training alone takes over an hour on 2 cores.
     state_path = wdir / "steps.json"
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -250,27 +250,34 @@ def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
     def train(name, nlu, extra, depends=""):
         archive = wdir / "models" / f"{name}.tar.gz"
         key = hashlib.sha256("\0".join([config.read_text(encoding="utf-8"), Path(nlu).read_text(encoding="utf-8"),
-                                         json.dumps(extra), depends, texts_path.read_text(encoding="utf-8")])
-                             .encode()).hexdigest()
+                                         json.dumps(extra), depends]).encode()).hexdigest()
+        eval_key = hashlib.sha256((key + texts_path.read_text(encoding="utf-8")).encode()).hexdigest()
         done = state.get(name)
         if done and done.get("key") == key and archive.is_file():
-            _say(f"DIET {name}: done in an earlier run, reused ({archive})")
-            return archive, done["wall_s"], done["accuracy"], key
-        cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config), "--nlu", str(nlu),
-               "--out", str(archive.parent), "--fixed-model-name", archive.name] + extra
-        _say(f"DIET {name}: rasa train nlu {' '.join(extra)} ...")
-        r = C.run_monitored(cmd, wdir / f"{name}.train.log", env, wdir)
-        if r["rc"] != 0 or not archive.is_file():
-            raise C.CompareError(f"DIET {name}: rasa train nlu failed (rc={r['rc']}); log: {wdir / (name + '.train.log')}")
+            _say(f"DIET {name}: trained in an earlier run, reused ({archive})")
+            wall = done["wall_s"]
+            if done.get("eval_key") == eval_key:
+                return archive, wall, done["accuracy"], key
+        else:
+            cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config), "--nlu", str(nlu),
+                   "--out", str(archive.parent), "--fixed-model-name", archive.name] + extra
+            _say(f"DIET {name}: rasa train nlu {' '.join(extra)} ...")
+            r = C.run_monitored(cmd, wdir / f"{name}.train.log", env, wdir)
+            if r["rc"] != 0 or not archive.is_file():
+                raise C.CompareError(f"DIET {name}: rasa train nlu failed (rc={r['rc']}); "
+                                     f"log: {wdir / (name + '.train.log')}")
+            wall = r["wall_s"]
+            state[name] = {"key": key, "wall_s": wall}
+            state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
         raw = wdir / f"{name}.eval.json"
         ev = C.run_monitored([sys.executable, str(HERE / "_rasa_eval.py"), "--model", str(archive), "--texts",
                               str(texts_path), "--out", str(raw)], wdir / f"{name}.eval.log", env, wdir)
         if ev["rc"] != 0:
             raise C.CompareError(f"DIET {name}: evaluation failed; log: {wdir / (name + '.eval.log')}")
         accuracy = _diet_accuracy(raw, sets)
-        state[name] = {"key": key, "wall_s": r["wall_s"], "accuracy": accuracy}
+        state[name].update(eval_key=eval_key, accuracy=accuracy)
         state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        return archive, r["wall_s"], accuracy, key
+        return archive, wall, accuracy, key
 
     archive_a, wall_a, before, key_a = train("half_a", nlu_a, [])
     _, wall_b, after, _ = train("finetune_b", nlu_b, ["--finetune", str(archive_a), "--epoch-fraction",
