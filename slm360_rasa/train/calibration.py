@@ -30,7 +30,7 @@ equal-width confidence bins of (0, 1], each weighted by its share of the example
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -59,20 +59,45 @@ def _check(logits: np.ndarray, labels: np.ndarray) -> None:
         raise ValueError(f"labels must be in [0, {logits.shape[1]}), got range [{labels.min()}, {labels.max()}]")
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean negative log-likelihood of `labels` (N,) under softmax(logits (N, K) / temperature)."""
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float, background: Optional[float] = None) -> float:
+    """Mean negative log-likelihood of `labels` (N,) under softmax(logits (N, K) / temperature),
+    or under `background_softmax` when a background logit is given."""
+    if background is not None:
+        p = background_softmax(logits, temperature, background)[np.arange(len(logits)), np.asarray(labels)]
+        return float(-np.mean(np.log(np.maximum(p, 1e-300))))
     z = np.asarray(logits, np.float64) / float(temperature)
     z = z - z.max(axis=1, keepdims=True)
     logz = np.log(np.exp(z).sum(axis=1))
     return float(np.mean(logz - z[np.arange(len(z)), np.asarray(labels)]))
 
 
+def _golden_log_t(f: Callable[[float], float], t_min: float, t_max: float) -> float:
+    """The T in [t_min, t_max] minimising f(T), by _GOLDEN_STEPS golden-section steps on log T.
+
+    A fixed number of steps (no tolerance-dependent stopping) keeps the result deterministic.
+    """
+    if not 0 < t_min <= 1 <= t_max:
+        raise ValueError(f"need 0 < t_min <= 1 <= t_max, got t_min={t_min!r}, t_max={t_max!r}")
+    a, b = math.log(t_min), math.log(t_max)
+    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
+    fc, fd = f(math.exp(c)), f(math.exp(d))
+    for _ in range(_GOLDEN_STEPS):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _INV_PHI * (b - a)
+            fc = f(math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + _INV_PHI * (b - a)
+            fd = f(math.exp(d))
+    return float(math.exp((a + b) / 2))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
     """The temperature in [t_min, t_max] minimising the NLL of `labels` under softmax(logits / T).
 
-    The NLL is convex in 1/T, hence unimodal in u = log T, so a fixed number of
-    golden-section steps on u finds the minimum deterministically (no tolerance-dependent
-    stopping). When every example is already classified correctly the NLL keeps falling
+    The NLL is convex in 1/T, hence unimodal in u = log T, so golden-section steps on u find
+    the minimum. When every example is already classified correctly the NLL keeps falling
     as T -> 0 and the data has no finite optimum, only "be more confident": we return 1.0
     (leave the model as it is) rather than the lower bound.
     """
@@ -83,19 +108,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN
         raise ValueError(f"need 0 < t_min <= 1 <= t_max, got t_min={t_min!r}, t_max={t_max!r}")
     if np.array_equal(z.argmax(axis=1), y):
         return 1.0
-    a, b = math.log(t_min), math.log(t_max)
-    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
-    fc, fd = nll(z, y, math.exp(c)), nll(z, y, math.exp(d))
-    for _ in range(_GOLDEN_STEPS):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - _INV_PHI * (b - a)
-            fc = nll(z, y, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + _INV_PHI * (b - a)
-            fd = nll(z, y, math.exp(d))
-    return float(math.exp((a + b) / 2))
+    return _golden_log_t(lambda t: nll(z, y, t), t_min, t_max)
 
 
 def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -104,6 +117,12 @@ def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
     t = float(temperature)
     top = z.max(axis=1)
     return t * np.log(np.exp((z - top[:, None]) / t).sum(axis=1)) + top
+
+
+def in_scope_probability(logits: np.ndarray, temperature: float, background: float) -> np.ndarray:
+    """sigmoid((E - b) / T) per row: the share of probability `background_softmax` leaves to
+    the intents (its rows' sums)."""
+    return 1.0 / (1.0 + np.exp((float(background) - energy(logits, temperature)) / float(temperature)))
 
 
 def background_softmax(logits: np.ndarray, temperature: float, background: Optional[float]) -> np.ndarray:
@@ -118,38 +137,22 @@ def background_softmax(logits: np.ndarray, temperature: float, background: Optio
     return p[:, : np.asarray(logits).shape[1]]
 
 
-def _nll_background(z: np.ndarray, y: np.ndarray, t: float, quantile: float) -> Tuple[float, float]:
-    b = float(np.quantile(energy(z, t), quantile))
-    p = background_softmax(z, t, b)[np.arange(len(y)), y]
-    return float(-np.mean(np.log(np.maximum(p, 1e-300)))), b
+def _background_at(z: np.ndarray, t: float, quantile: float) -> float:
+    return float(np.quantile(energy(z, t), quantile))
 
 
 def fit_temperature_with_background(logits: np.ndarray, labels: np.ndarray, quantile: float,
                                     t_min: float = T_MIN, t_max: float = T_MAX) -> Tuple[float, float]:
     """(T, b): the background logit b = `quantile` of the held-out energies at T, and the T in
-    [t_min, t_max] minimising the held-out NLL with b in place (fixed golden-section steps on
-    log T, as `fit_temperature`; deterministic). See the module docstring."""
+    [t_min, t_max] minimising the held-out NLL with b in place (the golden-section search of
+    `fit_temperature`; deterministic). See the module docstring."""
     z = np.asarray(logits, np.float64)
     y = np.asarray(labels, np.int64)
     _check(z, y)
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-    if not 0 < t_min <= 1 <= t_max:
-        raise ValueError(f"need 0 < t_min <= 1 <= t_max, got t_min={t_min!r}, t_max={t_max!r}")
-    a, b = math.log(t_min), math.log(t_max)
-    c, d = b - _INV_PHI * (b - a), a + _INV_PHI * (b - a)
-    fc, fd = _nll_background(z, y, math.exp(c), quantile)[0], _nll_background(z, y, math.exp(d), quantile)[0]
-    for _ in range(_GOLDEN_STEPS):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - _INV_PHI * (b - a)
-            fc = _nll_background(z, y, math.exp(c), quantile)[0]
-        else:
-            a, c, fc = c, d, fd
-            d = a + _INV_PHI * (b - a)
-            fd = _nll_background(z, y, math.exp(d), quantile)[0]
-    t = float(math.exp((a + b) / 2))
-    return t, _nll_background(z, y, t, quantile)[1]
+    t = _golden_log_t(lambda t: nll(z, y, t, _background_at(z, t, quantile)), t_min, t_max)
+    return t, _background_at(z, t, quantile)
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:

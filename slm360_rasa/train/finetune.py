@@ -31,8 +31,8 @@ from ..nano.checkpoint import load_checkpoint, save_checkpoint
 from ..nano.config import NanoConfig
 from ..nano.quant import float_params, quantize_params
 from . import heads as Hd
-from .calibration import (background_softmax, energy, expected_calibration_error, fit_temperature,
-                          fit_temperature_with_background, nll)
+from .calibration import (background_softmax, expected_calibration_error, fit_temperature,
+                          fit_temperature_with_background, in_scope_probability, nll)
 from .continual import (FISHER_FORMAT, FISHER_PREFIX, check_fisher, decode_fisher, empirical_fisher,
                         encode_fisher)
 from .data import Examples, epoch_batches, holdout_split, pad, stratified_sample
@@ -420,25 +420,24 @@ class IntentEntityModel:
             logger.info("SLM360: %d held-out examples (< %d), confidences are not calibrated (T = 1)",
                         len(rows), MIN_CALIBRATION_EXAMPLES)
         else:
-            t, b = fit_temperature(z, y), None
+            t = b = None
             if self.cfg.oos_quantile:
-                t_bg, b_bg = fit_temperature_with_background(z, y, self.cfg.oos_quantile)
+                t, b = fit_temperature_with_background(z, y, self.cfg.oos_quantile)
                 # The "none of these" logit only helps where held-out energies are spread out,
                 # i.e. the model knows its intents well: a typical held-out example must stay at
                 # least MIN_IN_SCOPE in scope. A weak model (tiny bot, few epochs) has all its
                 # energies close together, and the logit would take mass from every answer.
-                typical = float(np.median(1.0 / (1.0 + np.exp((b_bg - energy(z, t_bg)) / t_bg))))
+                typical = float(np.median(in_scope_probability(z, t, b)))
                 info["typical_in_scope"] = typical
-                if typical >= MIN_IN_SCOPE:
-                    t, b = t_bg, b_bg
-                else:
+                if typical < MIN_IN_SCOPE:
+                    t = b = None
                     info["background_off"] = (f"a typical held-out example would be only {typical:.2f} in scope "
                                               f"(< {MIN_IN_SCOPE}): plain temperature scaling")
+            if t is None:
+                t = fit_temperature(z, y)
             self.temperature, self.background_logit = t, b
-            p = background_softmax(z, t, b)
-            info.update(temperature=t, background_logit=b, fitted=True,
-                        nll_after=float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-300)))),
-                        ece_after=expected_calibration_error(p.max(1), correct))
+            info.update(temperature=t, background_logit=b, fitted=True, nll_after=nll(z, y, t, b),
+                        ece_after=expected_calibration_error(background_softmax(z, t, b).max(1), correct))
             logger.info("SLM360: temperature %.3f%s fitted on %d held-out examples (accuracy %.3f, ECE %.3f -> %.3f)",
                         t, "" if b is None else f" and out-of-scope logit {b:.2f}", len(rows), info["accuracy"],
                         info["ece_before"], info["ece_after"])
