@@ -89,6 +89,7 @@ FEATURIZER = "slm360_rasa.SLM360Featurizer"
 DIET = "DIETClassifier"
 DIET_DEFAULT_EPOCHS = 300  # DIETClassifier's own default, for a config that leaves `epochs` out
 CHUNKABLE = ("diet", "featurizer_diet")  # systems whose training --diet-chunk-epochs may split
+CHUNK_STATE = "chunks.json"  # in a pair's work dir: the finished chunks of a chunked training
 
 WARMUP_MESSAGES = 10
 SEED = 0
@@ -777,15 +778,8 @@ def _train_in_chunks(plan: List[int], cfg: dict, nlu: Path, work: Path, env: dic
     keeps nothing. Progress is saved after every chunk (chunks.json), so an interrupted
     pair resumes at its next chunk. Returns run_monitored's dict with summed wall and CPU
     time, the peak RSS over all chunks, and the per-chunk figures under "chunks"."""
-    state_path = work / "chunks.json"
-    state = {"key": state_key, "plan": plan, "done": []}
-    if state_path.is_file():
-        try:
-            prev = json.loads(state_path.read_text(encoding="utf-8"))
-        except ValueError:
-            prev = {}
-        if prev.get("key") == state_key and prev.get("plan") == plan:
-            state = prev
+    state_path = work / CHUNK_STATE
+    state = _chunk_state(work, state_key, plan) or {"key": state_key, "plan": plan, "done": []}
     chunk_cfg = copy.deepcopy(cfg)
     for comp in chunk_cfg["pipeline"]:
         if comp.get("name") == DIET:
@@ -798,17 +792,14 @@ def _train_in_chunks(plan: List[int], cfg: dict, nlu: Path, work: Path, env: dic
         if args.max_chunks is not None and i - first >= args.max_chunks:
             _say(f"{name}: stopping after {args.max_chunks} chunk(s) (--max-chunks); {i}/{len(plan)} done, "
                  "run the same command again to continue")
-            done = state["done"]
-            return {"cmd": done[-1]["cmd"], "rc": 0, "timed_out": False, "incomplete": True,
-                    "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
-                    "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": done[-1]["log"], "chunks": done}
+            return _chunks_total(state["done"], incomplete=True)
         out = models / f"chunk{i}.tar.gz"
         cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config_path), "--nlu", str(nlu),
                "--out", str(models), "--fixed-model-name", out.name]
         if i:
             cmd += ["--finetune", str(models / f"chunk{i - 1}.tar.gz"), "--epoch-fraction", repr(plan[i] / plan[0])]
         _say(f"{name}: training chunk {i + 1}/{len(plan)} ({plan[i]} epochs, "
-             f"{sum(plan[:i])} done{' before this sitting' if i == len(state['done']) and i else ''}) ...")
+             f"{sum(plan[:i])} done{' before this sitting' if i == first and i else ''}) ...")
         run = run_monitored(cmd, work / f"train_chunk{i}.log", env, work, timeout_s=args.train_timeout)
         if run["rc"] != 0 or not out.is_file():
             run["log_tail"] = log_tail(work / f"train_chunk{i}.log")
@@ -818,11 +809,27 @@ def _train_in_chunks(plan: List[int], cfg: dict, nlu: Path, work: Path, env: dic
         _write_json(state_path, state)
         _say(f"{name}: chunk {i + 1}/{len(plan)} trained in {run['wall_s']:.1f} s")
     shutil.copyfile(models / f"chunk{len(plan) - 1}.tar.gz", archive)
-    done = state["done"]
-    return {"cmd": done[0]["cmd"], "rc": 0, "timed_out": False,
-            "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
-            "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": str(work / "train_chunk0.log"),
-            "chunks": done}
+    return _chunks_total(state["done"])
+
+
+def _chunk_state(work: Path, state_key: dict, plan: List[int]) -> Optional[dict]:
+    """The saved chunk progress of `work` if it belongs to this data, config and plan, else None."""
+    try:
+        prev = json.loads((work / CHUNK_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return prev if prev.get("key") == state_key and prev.get("plan") == plan else None
+
+
+def _chunks_total(done: List[dict], incomplete: bool = False) -> dict:
+    """run_monitored's dict for the finished chunks together: summed wall and CPU time, the
+    largest peak RSS, the first chunk's command and log, each chunk under "chunks"."""
+    total = {"cmd": done[0]["cmd"], "rc": 0, "timed_out": False,
+             "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
+             "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": done[0]["log"], "chunks": done}
+    if incomplete:
+        total["incomplete"] = True
+    return total
 
 
 def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: dict, out_path: Path) -> dict:
@@ -832,13 +839,7 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
     config_text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
     plan = _chunk_plan(cfg, system, args.diet_chunk_epochs)
     state_key = {"sha256": ds.sha256, "subsample": ds.subsample, "config": config_text, "env": dict(args.env)}
-    resuming = False
-    if plan and (work / "chunks.json").is_file():
-        try:
-            prev = json.loads((work / "chunks.json").read_text(encoding="utf-8"))
-        except ValueError:
-            prev = {}
-        resuming = prev.get("key") == state_key and prev.get("plan") == plan and bool(prev.get("done"))
+    resuming = bool(plan) and bool((_chunk_state(work, state_key, plan) or {}).get("done"))
     if work.exists() and not resuming:
         shutil.rmtree(work)  # a previous model or log must never be mistaken for this run's
     work.mkdir(parents=True, exist_ok=True)
