@@ -488,7 +488,7 @@ def _dpbusd(builder, acc, w8, a32, hardware):
 
 
 @intrinsic
-def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, hardware):
+def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, ntok, hardware):
     """acc[i, r] = sum over all blocks g of row (32 t + r) . token n_i, for i < 4, r < 32.
 
     The micro-kernel of `matmul_q8q4`, LLVM IR on 16-lane vectors (see `_rank1_4x32` for
@@ -497,6 +497,9 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
     into 8 int32 accumulators; then per token and half, the zero-point term is subtracted,
     the int32 sum converted to float and FMA'd with d_w * xs into 8 float accumulators that
     stay in registers over all blocks. `hardware` (literal 0/1) selects vpdpbusd.
+    `ntok` (literal 1..4) computes only the first ntok tokens (rows 0..ntok-1 of acc): a
+    tail of 1-3 tokens then costs 1-3 tokens' work, not 4 (a 13-token utterance wasted 3 of
+    its 16 token slots). Each token's sums are the same whatever ntok is.
 
     codes (T, G, 512) uint8, scales (T, G, 32) float32 (C-contiguous); xq (N, K) int8,
     xs / xsum8 (N, G) with contiguous rows; acc (4, 32) float32 C-contiguous, overwritten.
@@ -508,7 +511,10 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
         return None
     if not isinstance(hardware, types.IntegerLiteral):
         return None
+    if not (isinstance(ntok, types.IntegerLiteral) and 1 <= ntok.literal_value <= 4):
+        return None
     hw = bool(hardware.literal_value)
+    n_tok = ntok.literal_value
 
     def codegen(context, builder, sig, args):
         acc_v, codes_v, scales_v, t_v, xq_v, xs_v, xsum_v = args[:7]
@@ -535,7 +541,7 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
         t64 = as_i64(3)
         c_base = builder.bitcast(item(1, c_a, [t64, zero, zero]), i8v.as_pointer())  # 64-byte units
         s_base = builder.bitcast(item(2, s_a, [t64, zero, zero]), f32v.as_pointer())  # 16-float units
-        ns = [as_i64(7 + i) for i in range(4)]
+        ns = [as_i64(7 + i) for i in range(n_tok)]
         x_rows = [builder.bitcast(item(4, x_a, [n, zero]), i32.as_pointer()) for n in ns]  # k-quads
         xs_rows = [item(5, xs_a, [n, zero]) for n in ns]
         xm_rows = [item(6, xm_a, [n, zero]) for n in ns]
@@ -559,19 +565,19 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
         g = builder.phi(i64)
         g.add_incoming(zero, entry)
         facc = []
-        for _ in range(4 * halves):
+        for _ in range(n_tok * halves):
             phi = builder.phi(f32v)
             phi.add_incoming(ir.Constant(f32v, [0.0] * lanes), entry)
             facc.append(phi)
         cg = builder.gep(c_base, [builder.mul(g, ir.Constant(i64, quads_per_block // 2 * halves))])
         q0 = builder.mul(g, ir.Constant(i64, quads_per_block))
-        iacc = [ir.Constant(i32v, [0] * lanes)] * (4 * halves)
+        iacc = [ir.Constant(i32v, [0] * lanes)] * (n_tok * halves)
         for jp in range(quads_per_block // 2):
             ws = []
             for h in range(halves):
                 v = builder.load(builder.gep(cg, [ir.Constant(i64, jp * halves + h)]), align=1)
                 ws.append((builder.and_(v, low4), builder.lshr(v, shift4)))
-            for i in range(4):
+            for i in range(n_tok):
                 a_lo = bcast(builder.load(builder.gep(x_rows[i], [builder.add(q0, ir.Constant(i64, 2 * jp))]),
                                           align=4), undef_i)
                 a_hi = bcast(builder.load(builder.gep(x_rows[i], [builder.add(q0, ir.Constant(i64, 2 * jp + 1))]),
@@ -584,7 +590,7 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
                                                             ir.Constant(i64, h))]), align=4)
               for h in range(halves)]
         new = []
-        for i in range(4):
+        for i in range(n_tok):
             xs_b = bcast(builder.load(builder.gep(xs_rows[i], [g])), undef_f)
             zp = bcast(builder.load(builder.gep(xm_rows[i], [g])), undef_i)
             for h in range(halves):
@@ -609,7 +615,7 @@ def _q8q4_4x32(typingctx, acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, 
             builder.store(v, builder.gep(acc0, [ir.Constant(i64, j)]), align=4)
         return context.get_dummy_value()
 
-    return types.void(acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, hardware), codegen
+    return types.void(acc, codes, scales, t, xq, xs, xsum8, n0, n1, n2, n3, ntok, hardware), codegen
 
 
 @njit(cache=True, fastmath=True)
@@ -622,9 +628,17 @@ def _q8q4_tile(xq, xs, xsum8, codes, scales, t, c0, c1, out):
     n = c0
     while n < c1:
         nt = min(4, c1 - n)
-        # A tail of 1-3 tokens repeats its last token in the spare rows (not stored).
-        _q8q4_4x32(acc, codes, scales, t, xq, xs, xsum8, n, min(n + 1, c1 - 1), min(n + 2, c1 - 1),
-                   min(n + 3, c1 - 1), HAS_VNNI)
+        # A tail of 1-3 tokens runs a micro-kernel of that many tokens (ntok is a literal, so
+        # each variant is its own code); the unused token indices repeat the last one.
+        n1, n2, n3 = min(n + 1, c1 - 1), min(n + 2, c1 - 1), min(n + 3, c1 - 1)
+        if nt == 4:
+            _q8q4_4x32(acc, codes, scales, t, xq, xs, xsum8, n, n1, n2, n3, 4, HAS_VNNI)
+        elif nt == 3:
+            _q8q4_4x32(acc, codes, scales, t, xq, xs, xsum8, n, n1, n2, n3, 3, HAS_VNNI)
+        elif nt == 2:
+            _q8q4_4x32(acc, codes, scales, t, xq, xs, xsum8, n, n1, n2, n3, 2, HAS_VNNI)
+        else:
+            _q8q4_4x32(acc, codes, scales, t, xq, xs, xsum8, n, n1, n2, n3, 1, HAS_VNNI)
         for i in range(nt):
             for r in range(rows_u):
                 out[n + i, m0_u + r] = acc[i, r]
@@ -649,6 +663,18 @@ def matmul_q8q4(xq, xs, xsum8, codes, scales, out):
         c = job // T
         c0 = c * Q4_TOKEN_CHUNK
         _q8q4_tile(xq, xs, xsum8, codes, scales, job - c * T, c0, min(N, c0 + Q4_TOKEN_CHUNK), out)
+
+
+@njit(cache=True, fastmath=True)
+def matmul_q8q4_serial(xq, xs, xsum8, codes, scales, out):
+    """`matmul_q8q4` on the calling thread, for a caller that runs numba on one thread:
+    entering a parallel region costs a few microseconds even then, 24 times per utterance."""
+    N, K = xq.shape
+    if codes.shape[0] and (codes.shape[1] * QK != K or xs.shape[1] * QK != K):
+        raise ValueError("matmul_q8q4: activations and the tiled Q4 weights disagree on the input width")
+    for c0 in range(0, N, Q4_TOKEN_CHUNK):
+        for t in range(codes.shape[0]):
+            _q8q4_tile(xq, xs, xsum8, codes, scales, t, c0, min(N, c0 + Q4_TOKEN_CHUNK), out)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -719,8 +745,21 @@ def rope_serial(qkv, positions, cos, sin, n_rot_heads, head_dim):
         _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n)
 
 
+def _attention_scratch(T, head_dim):
+    """Scratch of `_attention_job` for sequences of up to T tokens: q (T4, D), kt (D, Tp),
+    v (T, Dp) zero-initialised (its padding columns are never written), p (T4, Tp)."""
+    Tp = (T + ATT_TILE - 1) // ATT_TILE * ATT_TILE
+    Dp = (head_dim + ATT_TILE - 1) // ATT_TILE * ATT_TILE
+    T4 = (T + 3) // 4 * 4
+    return (np.empty((T4, head_dim), np.float32), np.empty((head_dim, Tp), np.float32),
+            np.zeros((max(T, 1), Dp), np.float32), np.empty((T4, Tp), np.float32))
+
+
+_attention_scratch = njit(cache=True)(_attention_scratch)
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
+def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job, q, kt, v, p):
     """Attention of one (sequence, query head) pair; see `attention`.
 
     Both products (scores = Q K^T and out = P V) run the micro-kernel of the INT4 matmul,
@@ -730,6 +769,9 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
     whole vectors whatever the sequence length; with plain loops a 12-token sequence spent
     its time entering 12-wide loops (runtime alias and trip-count checks), not multiplying.
     Padded keys get scores that are never read, padded dimensions outputs never stored.
+    q, kt, v, p: scratch from `_attention_scratch` for at least this sequence's length,
+    reused across jobs (one allocation per call rather than four per head: at 13 tokens
+    the allocations were a fifth of the time); the padding this job reads is zeroed here.
     """
     C = n_heads * head_dim
     kvd = n_kv_heads * head_dim
@@ -745,22 +787,30 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
     Tp = (T + ATT_TILE - 1) // ATT_TILE * ATT_TILE  # keys, padded
     Dp = (head_dim + ATT_TILE - 1) // ATT_TILE * ATT_TILE  # head dimensions, padded
     T4 = (T + 3) // 4 * 4  # query rows, padded to the micro-kernel's 4
-    q = np.zeros((T4, head_dim), np.float32)
-    kt = np.zeros((head_dim, Tp), np.float32)
-    v = np.zeros((T, Dp), np.float32)
+    # Row views (1-D, contiguous) rather than 2-D indexing: the copies then vectorize.
     for j in range(T):
+        src = qkv[s0 + j]
+        qr = q[j]
+        vr = v[j]
         for d in range(head_dim):
-            q[j, d] = qkv[s0 + j, qo + d] * scale
-            kt[d, j] = qkv[s0 + j, ko + d]
-            v[j, d] = qkv[s0 + j, vo + d]
-    p = np.empty((T4, Tp), np.float32)
+            qr[d] = src[qo + d] * scale
+        for d in range(head_dim):
+            vr[d] = src[vo + d]
+        for d in range(head_dim):
+            kt[d, j] = src[ko + d]
+    for j in range(T, T4):
+        q[j, :] = 0.0
+    for d in range(head_dim):
+        ktr = kt[d]
+        for j in range(T, Tp):
+            ktr[j] = 0.0
     acc = carray(_stack_f32(ATT_ACC_SIZE), (4, ATT_TILE))
     for i0 in range(0, T4, 4):
         # Scores of queries i0..i0+3 against keys j0..j0+ATT_TILE-1. Every score sums its
         # dimensions in order 0..D-1: results do not depend on the batch.
         for j0 in range(0, Tp, ATT_TILE):
             # Unsigned column index j0u + r (both uint64): numba then adds no negative-index
-            # wraparound, which would turn the row copy into a scatter (as in _q4_tile).
+            # wraparound, which would turn the row copy into a scatter (as in _q8q4_tile).
             j0u = np.uint64(j0)
             for i in range(4):
                 for r in range(ATT_TILE):
@@ -771,17 +821,18 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
                     p[i0 + i, j0u + r] = acc[i, r]
         # Softmax over the T real keys of each of the 4 rows (padding rows are harmless).
         for i in range(i0, i0 + 4):
-            mx = p[i, 0]
+            row = p[i]
+            mx = row[0]
             for j in range(1, T):
-                mx = max(mx, p[i, j])
+                mx = max(mx, row[j])
             for j in range(T):
-                p[i, j] = fast_exp(p[i, j] - mx)
+                row[j] = fast_exp(row[j] - mx)
             tot = np.float32(0.0)
             for j in range(T):
-                tot += p[i, j]
+                tot += row[j]
             inv = np.float32(1.0) / tot
             for j in range(T):
-                p[i, j] *= inv
+                row[j] *= inv
         # out rows i0..i0+3 = P V, ATT_TILE head dimensions at a time.
         for d0 in range(0, Dp, ATT_TILE):
             for i in range(4):
@@ -791,6 +842,14 @@ def _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job):
             for i in range(min(4, T - i0)):
                 for r in range(min(ATT_TILE, head_dim - d0)):
                     out[s0 + i0 + i, qo + d0 + r] = acc[i, r]
+
+
+@njit(cache=True)
+def _longest(starts):
+    longest = 0
+    for b in range(starts.shape[0] - 1):
+        longest = max(longest, starts[b + 1] - starts[b])
+    return longest
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -803,17 +862,21 @@ def attention(qkv, starts, n_heads, n_kv_heads, head_dim, out):
     Each (sequence, head) pair is one job (`_attention_job`): its scaled queries, keys
     (transposed) and values are copied into padded scratch and both products run the
     micro-kernel `_rank1_4x32`. Every score sums its dimensions in order 0..D-1, so results
-    do not depend on the batch a sequence is packed into.
+    do not depend on the batch a sequence is packed into. Each job allocates its own
+    scratch, sized for its sequence (jobs run on any thread).
     """
     for job in prange((starts.shape[0] - 1) * n_heads):
-        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job)
+        b = job // n_heads
+        q, kt, v, p = _attention_scratch(starts[b + 1] - starts[b], head_dim)
+        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job, q, kt, v, p)
 
 
 @njit(cache=True, fastmath=True)
 def attention_serial(qkv, starts, n_heads, n_kv_heads, head_dim, out):
-    """`attention` on the calling thread."""
+    """`attention` on the calling thread, with one scratch for all its jobs."""
+    q, kt, v, p = _attention_scratch(_longest(starts), head_dim)
     for job in range((starts.shape[0] - 1) * n_heads):
-        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job)
+        _attention_job(qkv, starts, n_heads, n_kv_heads, head_dim, out, job, q, kt, v, p)
 
 
 # error_model="numpy": a float division by zero gives inf instead of raising, so numba drops
@@ -894,10 +957,11 @@ def linear_serial(x, w, b, out):
 
 
 @njit(cache=True, fastmath=True)
-def _linear(x, quantized, wf, wc, ws, layer, out, xq, xs, xsum8, serial):
+def _linear(x, quantized, wf, wc, ws, layer, out, xq, xs, xsum8, serial, one_thread):
     """One layer's linear map: f32 weights, or block_q8(x) times the tiled Q4 weights.
 
     xq / xs / xsum8 are scratch for the quantized input, at least (N, K) / (N, K/QK).
+    `serial`: quantize on this thread; `one_thread` (numba runs one thread): multiply on it too.
     """
     if quantized:
         K = x.shape[1]
@@ -907,7 +971,10 @@ def _linear(x, quantized, wf, wc, ws, layer, out, xq, xs, xsum8, serial):
             quantize_q8_serial(x, q, s, m)
         else:
             quantize_q8(x, q, s, m)
-        matmul_q8q4(q, s, m, wc[layer], ws[layer], out)
+        if one_thread:
+            matmul_q8q4_serial(q, s, m, wc[layer], ws[layer], out)
+        else:
+            matmul_q8q4(q, s, m, wc[layer], ws[layer], out)
     else:
         matmul_f32(x, wf[layer], out)
 
@@ -928,8 +995,9 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
     which stay planar; else the *_f (float32) ones; the unused set may be empty.
     Buffers x, xn, att, proj (N, C), qkv (N, C + 2 KV D), h13 (N, 2 Hw), gate (N, Hw),
     pooled (B, C), and for INT4 the block_q8 scratch xq (N, >= max(C, Hw)) int8, xs and
-    xsum8 (N, >= max(C, Hw) / QK) are overwritten. `one_thread` (the caller runs numba on one thread) runs
-    attention without a parallel region, which on one thread is pure scheduling overhead.
+    xsum8 (N, >= max(C, Hw) / QK) are overwritten. `one_thread` (the caller runs numba on
+    one thread) runs attention and the INT4 matmuls without parallel regions, which on one
+    thread are pure scheduling overhead.
     """
     head_dim = x.shape[1] // n_heads
     # Short inputs (one utterance) run the element-wise kernels on this thread: they take
@@ -946,7 +1014,7 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
                 rmsnorm_serial(x, attn_norm[0], eps, xn)
             else:
                 rmsnorm(x, attn_norm[0], eps, xn)
-        _linear(xn, quantized, wqkv_f, wqkv_c, wqkv_s, layer, qkv, xq, xs, xsum8, serial)
+        _linear(xn, quantized, wqkv_f, wqkv_c, wqkv_s, layer, qkv, xq, xs, xsum8, serial, one_thread)
         if serial:
             rope_serial(qkv, positions, cos, sin, n_heads + n_kv_heads, head_dim)
         else:
@@ -955,17 +1023,17 @@ def encoder_forward(ids, starts, positions, quantized, emb_f, emb_c, emb_s,
             attention_serial(qkv, starts, n_heads, n_kv_heads, head_dim, att)
         else:
             attention(qkv, starts, n_heads, n_kv_heads, head_dim, att)
-        _linear(att, quantized, wo_f, wo_c, wo_s, layer, proj, xq, xs, xsum8, serial)
+        _linear(att, quantized, wo_f, wo_c, wo_s, layer, proj, xq, xs, xsum8, serial, one_thread)
         if serial:
             add_norm_serial(x, proj, ffn_norm[layer], eps, xn)
         else:
             add_norm(x, proj, ffn_norm[layer], eps, xn)
-        _linear(xn, quantized, w13_f, w13_c, w13_s, layer, h13, xq, xs, xsum8, serial)
+        _linear(xn, quantized, w13_f, w13_c, w13_s, layer, h13, xq, xs, xsum8, serial, one_thread)
         if serial:
             silu_mul_serial(h13, hidden_width, gate)
         else:
             silu_mul(h13, hidden_width, gate)
-        _linear(gate, quantized, w2_f, w2_c, w2_s, layer, proj, xq, xs, xsum8, serial)
+        _linear(gate, quantized, w2_f, w2_c, w2_s, layer, proj, xq, xs, xsum8, serial, one_thread)
         # The residual add of this block fused with the next block's input norm.
         w_next = attn_norm[layer + 1] if layer + 1 < n_layers else final_norm
         if serial:

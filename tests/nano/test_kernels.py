@@ -102,8 +102,37 @@ def test_repack_q4_layout(rng):
 
 @numba.njit
 def _micro_both(acc_hw, acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3):
-    K._q8q4_4x32(acc_hw, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 1)
-    K._q8q4_4x32(acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 0)
+    K._q8q4_4x32(acc_hw, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 1)
+    K._q8q4_4x32(acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 0)
+
+
+HW = K.HAS_VNNI  # a plain int global: numba passes it to the intrinsic as a literal
+
+
+@numba.njit
+def _micro_tails(acc4, acc1, acc2, acc3, codes, scales, t, xq, xs, xm, n0, n1, n2, n3):
+    K._q8q4_4x32(acc4, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, HW)
+    K._q8q4_4x32(acc1, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 1, HW)
+    K._q8q4_4x32(acc2, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 2, HW)
+    K._q8q4_4x32(acc3, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 3, HW)
+
+
+def test_micro_kernel_tails_equal_the_four_token_kernel(rng):
+    """The 1-, 2- and 3-token variants give each token the bits of the 4-token kernel and
+    leave the accumulator rows of the tokens they skip untouched."""
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    t, _ = Q.quantize_q4(w)
+    codes, scales = K.repack_q4(t.codes, t.scales)
+    xq, xs, xm = q8(rng.standard_normal((5, 256)).astype(np.float32))
+    full = np.empty((4, 32), np.float32)
+    tails = [np.full((4, 32), -7.0, np.float32) for _ in range(3)]
+    _micro_tails(full, *tails, codes, scales, 0, xq, xs, xm, 1, 3, 0, 4)
+    x_hat = (xq.reshape(5, -1, 32) * xs[:, :, None].astype(np.float64)).reshape(5, 256)
+    want = (x_hat @ Q.dequantize_q4(t).T.astype(np.float64))[[1, 3, 0, 4]]
+    np.testing.assert_allclose(full, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for n_tok, acc in zip((1, 2, 3), tails):
+        np.testing.assert_array_equal(acc[:n_tok], full[:n_tok])
+        assert (acc[n_tok:] == -7.0).all()
 
 
 @pytest.mark.skipif(not K.HAS_VNNI, reason="needs a CPU with AVX512-VNNI to run vpdpbusd")
@@ -325,3 +354,16 @@ def test_results_do_not_depend_on_thread_count(rng, precision):
         numba.set_num_threads(before)
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_q8q4_serial_equals_parallel(rng):
+    """The one-thread INT4 matmul gives the parallel kernel's bits (token chunks and tails)."""
+    w = rng.standard_normal((72, 288)).astype(np.float32)
+    t, _ = Q.quantize_q4(w)
+    codes, scales = K.repack_q4(t.codes, t.scales)
+    for n in (1, 6, 13, 130):
+        xq, xs, xm = q8(rng.standard_normal((n, 288)).astype(np.float32))
+        par, ser = np.empty((n, 72), np.float32), np.full((n, 72), np.nan, np.float32)
+        K.matmul_q8q4(xq, xs, xm, codes, scales, par)
+        K.matmul_q8q4_serial(xq, xs, xm, codes, scales, ser)
+        np.testing.assert_array_equal(ser, par)
