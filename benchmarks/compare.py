@@ -52,6 +52,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -556,6 +557,20 @@ def child_env(work: Path, extra: Optional[Dict[str, str]] = None) -> dict:
 # ---------------------------------------------------------------------------- subprocesses
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds all cores of the machine have been busy since boot (not idle or iowait)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _self_cpu_s() -> float:
+    """CPU seconds this process (the monitor) has used."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, timeout_s: Optional[float] = None,
                   poll_s: float = POLL_S) -> dict:
     """Run `cmd` (stdout+stderr to `log_path`); wall, CPU and peak RSS of its process tree.
@@ -568,10 +583,15 @@ def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, time
       on it would report an earlier, larger run;
     * psutil samples the summed RSS of the process and all its descendants every `poll_s`
       seconds, which covers any helper processes but can miss a peak shorter than `poll_s`.
+
+    `other_cpu_s` is the CPU time the rest of the machine used meanwhile (all cores' busy
+    time from /proc/stat, minus this tree's and this monitor's): about 0 on a quiet
+    machine; anything else shared the cores and inflated `wall_s`.
     """
     import psutil
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    machine0, self0 = _busy_cpu_s(), _self_cpu_s()
     with log_path.open("wb") as log:
         t0 = time.perf_counter()
         # Own session, so a timeout can end the whole tree this call started (and nothing else).
@@ -617,8 +637,11 @@ def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, time
         rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         proc.returncode = rc  # reaped by wait4 above; tell Popen so it does not wait again
     ru_max_mb = ru.ru_maxrss / 1024  # KiB on Linux
+    cpu = ru.ru_utime + ru.ru_stime
+    other = max(0.0, _busy_cpu_s() - machine0 - cpu - (_self_cpu_s() - self0))
     return {"cmd": [str(c) for c in cmd], "rc": rc, "timed_out": timed_out, "wall_s": round(wall, 3),
-            "cpu_s": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_mb": round(max(ru_max_mb, polled / 2**20), 1),
+            "cpu_s": round(cpu, 3), "other_cpu_s": round(other, 1),
+            "peak_rss_mb": round(max(ru_max_mb, polled / 2**20), 1),
             "ru_maxrss_mb": round(ru_max_mb, 1), "polled_tree_peak_rss_mb": round(polled / 2**20, 1),
             "log": str(log_path)}
 
@@ -827,6 +850,8 @@ def _chunks_total(done: List[dict], incomplete: bool = False) -> dict:
     total = {"cmd": done[0]["cmd"], "rc": 0, "timed_out": False,
              "wall_s": round(sum(c["wall_s"] for c in done), 3), "cpu_s": round(sum(c["cpu_s"] for c in done), 3),
              "peak_rss_mb": max(c["peak_rss_mb"] for c in done), "log": done[0]["log"], "chunks": done}
+    if all("other_cpu_s" in c for c in done):  # chunks run before this field existed lack it
+        total["other_cpu_s"] = round(sum(c["other_cpu_s"] for c in done), 1)
     if incomplete:
         total["incomplete"] = True
     return total
@@ -928,6 +953,7 @@ def evaluate_archive(ds: Dataset, archive: Path, work: Path, env: dict, args, re
     valid_records = summarize_valid(ds, raw)
     metrics.update({
         "train_wall_s": train["wall_s"], "train_cpu_s": train["cpu_s"], "train_peak_rss_mb": train["peak_rss_mb"],
+        "train_other_cpu_s": train.get("other_cpu_s"),
         "model_mb": result["model_mb"], "load_s": raw["load_s"], "serve_peak_rss_mb": raw["serve_peak_rss_mb"],
     })
     result.update(status="ok", metrics=metrics,
@@ -1052,11 +1078,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     os.environ["RASA_TELEMETRY_ENABLED"] = "false"
+    # `kill` (SIGTERM) becomes SystemExit, so run_monitored ends the Rasa process tree it
+    # started in its own session instead of leaving it training as an orphan.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run(args)
     except CompareError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _run(args) -> int:

@@ -43,6 +43,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -384,10 +385,14 @@ def main(argv=None) -> int:
     if any(lam < 0 for lam in args.ewc_lambda):
         raise SystemExit("error: --ewc-lambda must be >= 0")
     os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
+    # As compare.py: `kill` ends the DIET training this started (in its own session) too.
+    previous = signal.signal(signal.SIGTERM, C._exit_on_sigterm)
     try:
         run(args)
     except C.CompareError as e:
         raise SystemExit(f"error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -231,6 +231,29 @@ def ratio_table(results, datasets, systems, specs) -> List[str]:
     return _table(header, rows)
 
 
+SHARED_CPU_SHARE = 0.05  # other processes' CPU above this share of the machine: the wall time is inflated
+
+
+def shared_machine_lines(results, datasets, systems) -> List[str]:
+    """One line per training run that shared the machine (other processes used more than
+    SHARED_CPU_SHARE of all cores meanwhile) or predates that measurement; [] if none."""
+    lines = []
+    for d in datasets:
+        for s in systems:
+            r = results.get((d, s))
+            if not _ok(r):
+                continue
+            other, wall = r["metrics"].get("train_other_cpu_s"), r["metrics"].get("train_wall_s")
+            cores = (r.get("machine") or {}).get("cores_logical") or 1
+            if other is None:
+                lines.append(f"- {d} / {LABELS[s]}: not recorded whether other processes shared the machine "
+                             "during training (run predates that measurement).")
+            elif wall and other / (wall * cores) > SHARED_CPU_SHARE:
+                lines.append(f"- {d} / {LABELS[s]}: other processes used {other:.0f} CPU-s during training "
+                             f"({other / (wall * cores):.0%} of the machine): its wall time is inflated.")
+    return (["Machine shared during training:", ""] + lines + [""]) if lines else []
+
+
 def _has_entities(d: str, results: Results) -> bool:
     for s in SYSTEMS:
         r = results.get((d, s))
@@ -348,6 +371,7 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
           "sees it). SLM360/DIET below 1 means SLM360 is faster; the target is at most 1/3.", ""]
     L += ratio_table(results, datasets, systems, [("train_wall_s", "train wall", "s", ".1f"),
                                                   ("train_cpu_s", "train CPU", "s", ".1f")]) + [""]
+    L += shared_machine_lines(results, datasets, systems)
     L += ["## Parse latency", "", mline, "",
           "One `await agent.parse_message(text)` per test message, after 10 warm-up messages.", ""]
     L += ratio_table(results, datasets, systems, [("parse_p50_ms", "P50", "ms", ".2f"),

@@ -325,6 +325,46 @@ def test_run_monitored_sees_peak_rss_and_return_code(tmp_path):
     assert r["timed_out"] and r["rc"] != 0 and r["wall_s"] < 20
 
 
+def test_sigterm_ends_the_training_process_tree(tmp_path):
+    """`kill` of compare.py (SIGTERM) also ends the Rasa process it started in its own session."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    driver = (f"import signal, sys; sys.path.insert(0, {str(BENCH)!r}); import compare as C; "
+              "signal.signal(signal.SIGTERM, C._exit_on_sigterm); "
+              f"C.run_monitored([sys.executable, '-c', {child!r}], C.Path({str(tmp_path / 'log')!r}), "
+              f"dict(C.os.environ), C.Path({str(tmp_path)!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", driver], env=_env())
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(50):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the monitored child outlived compare.py's SIGTERM")
+
+
+def test_run_monitored_counts_other_processes_cpu(tmp_path):
+    """A process burning CPU beside the monitored one shows up in other_cpu_s."""
+    burn = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 1.5: pass"])
+    try:
+        r = C.run_monitored([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log", _env(), tmp_path)
+    finally:
+        burn.wait()
+    assert r["rc"] == 0 and r["other_cpu_s"] >= 1.0 and r["cpu_s"] < 0.5
+
+
 # ---------------------------------------------------------------------------- CLI and report
 
 
@@ -352,7 +392,7 @@ def test_cli_names_bad_input(tmp_path):
     assert r.returncode == 2 and "--env 'NUMBA_NUM_THREADS': expected NAME=VALUE" in r.stderr
 
 
-def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok"):
+def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok", other_cpu=0.0):
     n = 4
     return {"schema": C.SCHEMA, "dataset": dataset, "system": system, "status": status, "quick": False,
             "started": "2026-11-21T00:00:00+00:00", "loadavg": {"start": [0.1, 0, 0], "end": [0.2, 0, 0]},
@@ -361,7 +401,8 @@ def _fake_result(dataset, system, acc, wall, p50, rss, mb, status="ok"):
             "error": "rasa train nlu failed (rc=1)" if status != "ok" else None,
             "metrics": {"accuracy": acc, "macro_f1": acc, "entity_micro_f1": None, "oos_recall": None,
                         "accuracy_after_fallback": acc, "fallback_rate_in_scope": 0.0, "ece": 0.05,
-                        "train_wall_s": wall, "train_cpu_s": wall, "parse_p50_ms": p50, "parse_p99_ms": p50 * 2,
+                        "train_wall_s": wall, "train_cpu_s": wall, "train_other_cpu_s": other_cpu,
+                        "parse_p50_ms": p50, "parse_p99_ms": p50 * 2,
                         "train_peak_rss_mb": rss * 2, "serve_peak_rss_mb": rss, "model_mb": mb, "load_s": 1.0},
             "per_message": {"latency_ms": [p50] * n, "confidence": [0.9, 0.8, 0.7, 0.6], "correct": "1101"}}
 
@@ -386,9 +427,9 @@ def test_report_chooses_the_oos_threshold_on_valid_and_applies_it_to_test():
 def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    for r in [_fake_result("banking77", "diet", 0.90, 4000, 3.8, 1060, 49.7),
-              _fake_result("banking77", "slm360", 0.88, 1000, 2.0, 700, 3.9),
-              _fake_result("snips", "diet", 0.97, 3000, 3.0, 1000, 40.0),
+    for r in [_fake_result("banking77", "diet", 0.90, 4000, 3.8, 1060, 49.7, other_cpu=2000.0),
+              _fake_result("banking77", "slm360", 0.88, 1000, 2.0, 700, 3.9, other_cpu=10.0),
+              _fake_result("snips", "diet", 0.97, 3000, 3.0, 1000, 40.0, other_cpu=None),
               _fake_result("atis", "slm360", 0, 0, 0, 0, 0, status="train_failed")]:
         (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
     out = tmp_path / "RESULTS.md"
@@ -401,6 +442,10 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     assert "model archive at least 4x smaller than DIET's: met on banking77 (12.7x smaller" in md
     assert md.count("_Machine: Test CPU, 2 cores") >= 5  # beside every table family
     assert "| banking77 | 4000.0 | 1000.0 | 0.25 |" in md  # train wall and SLM360/DIET ratio
+    # 2000 CPU-s of 4000 s x 2 cores: flagged; 10 of 2000 is below the 5 % line; None: unknown.
+    assert "- banking77 / DIET: other processes used 2000 CPU-s during training (25% of the machine)" in md
+    assert "banking77 / SLM360: other" not in md
+    assert "- snips / DIET: not recorded whether other processes shared the machine" in md
 
 
 def test_report_plots(tmp_path):
