@@ -109,6 +109,45 @@ def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or b is None else round(a - b, 6)
 
 
+MATCH_B = 0.01  # issue #7: EWC + replay within 1 point of plain finetuning on what half B teaches
+FORGET_RATIO = 0.5  # ... while forgetting at most half of what plain finetuning forgets on A
+
+
+def select_lambda(variants: List[dict]) -> Optional[dict]:
+    """Choose the EWC lambda on the held-out sets only (never test) and check issue #7's target.
+
+    Among the accepted ewc_replay variants whose B held-out accuracy is within MATCH_B of
+    plain finetuning's, the one that forgets least on A held-out (ties: the smaller lambda).
+    Returns {"ewc_lambda", "forgetting_a", "plain_forgetting_a", "b_heldout_gap", "target_met",
+    "why"} or None when there is no plain or no EWC variant to compare.
+    """
+    plain = next((v for v in variants if v["variant"] == "plain"), None)
+    ewc = [v for v in variants if v["variant"] == "ewc_replay" and v["after"]["a_heldout"] is not None]
+    if plain is None or not ewc or plain["after"]["b_heldout"] is None:
+        return None
+    pb, pf = plain["after"]["b_heldout"], plain["forgetting_a"]
+
+    def gap(v):
+        return round(pb - v["after"]["b_heldout"], 6)
+
+    ok = [v for v in ewc if v["accepted"] and gap(v) <= MATCH_B + 1e-9]
+    if not ok:
+        return {"ewc_lambda": None, "forgetting_a": None, "plain_forgetting_a": pf, "b_heldout_gap": None,
+                "target_met": False, "why": f"no accepted EWC + replay variant within {MATCH_B * 100:g} point of "
+                                            "plain finetuning on B held-out"}
+    best = min(ok, key=lambda v: (v["forgetting_a"], v["ewc_lambda"]))
+    f = best["forgetting_a"]
+    if pf <= 0:
+        met, why = None, (f"plain finetuning forgot nothing on A held-out ({pf * 100:+.2f} pts): "
+                          "there is no forgetting to halve")
+    else:
+        met = f <= FORGET_RATIO * pf
+        why = (f"forgets {f * 100:+.2f} pts on A vs plain {pf * 100:+.2f} pts "
+               f"({'at most' if met else 'more than'} half), B held-out {gap(best) * 100:+.2f} pts below plain")
+    return {"ewc_lambda": best["ewc_lambda"], "forgetting_a": f, "plain_forgetting_a": pf,
+            "b_heldout_gap": gap(best), "target_met": met, "why": why}
+
+
 def _recipe_hash(ds, args) -> str:
     h = hashlib.sha256(json.dumps({"data": ds.sha256, "seed": args.seed, "epochs": args.epochs,
                                    "checkpoint": args.checkpoint}, sort_keys=True).encode())
@@ -193,6 +232,7 @@ def run(args) -> dict:
                   "a_heldout": len(a_hold), "test": len(test)},
         "half_a_model": {"epochs": args.epochs, "train_s": time_a, "accuracy": before},
         "variants": variants,
+        "selection": select_lambda(variants),
         "diet": diet,
     }
     out = Path(args.out_dir) / (f"continual_{ds.name}{'_skewed' if args.protocol == 'skewed' else ''}"
@@ -328,6 +368,13 @@ def markdown(r: dict) -> str:
         L += ["", f"DIET half-A model ({d['epochs']} epochs, {d['n_half_a_trained']} examples: half A less the "
               f"A held-out ones) in {d['train_s']} s: A held-out {f(d['before']['a_heldout'])}, "
               f"B held-out {f(d['before']['b_heldout'])}, test {f(d['before']['test'])}."]
+    sel = r.get("selection")
+    if sel:
+        L += ["", f"Lambda chosen on the held-out sets (least forgetting on A held-out among the accepted "
+              f"EWC + replay updates within {MATCH_B * 100:g} point of plain finetuning on B held-out; test not "
+              f"used): **{'none' if sel['ewc_lambda'] is None else format(sel['ewc_lambda'], 'g')}**. "
+              f"Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
+              f"**{ {True: 'met', False: 'MISSED', None: 'not measurable'}[sel['target_met']] }**: {sel['why']}."]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten). "
           "The accuracies after a refused update are those of the candidate the guard refused.", ""]
     return "\n".join(L)

@@ -32,6 +32,13 @@ def setup(tmp_path_factory):
     return tmp, ckpt
 
 
+def CB_select(variants):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import continual as CB
+
+    return CB.select_lambda(variants)
+
+
 def _run(tmp, ckpt):
     cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
            "--epochs", "2", "--ewc-lambda", "1", "--ewc-lambda", "100", "--work-dir", str(tmp / "work"),
@@ -56,6 +63,7 @@ def test_continual_experiment_reports_every_variant_and_resumes(setup):
         assert v["forgetting_a"] == pytest.approx(r["half_a_model"]["accuracy"]["a_heldout"] - v["after"]["a_heldout"])
     md = (tmp / "out" / "continual_tiny.md").read_text()
     assert "| plain |" in md and "| ewc_replay | 100 |" in md
+    assert r["selection"] == CB_select(r["variants"]) and "Lambda chosen on the held-out sets" in md
     again = _run(tmp, ckpt)
     assert again.returncode == 0 and "half-A model exists, reused" in again.stderr
 
@@ -129,3 +137,30 @@ def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
     # Same half-A model, evaluated again (B held-out is another set under this protocol).
     assert ds["train_s"] == d["train_s"] and ds["before"]["a_heldout"] == d["before"]["a_heldout"]
     assert ds["before"]["test"] == d["before"]["test"]
+
+
+def _variant(name, lam, a_after, b_after, accepted=True, a_before=0.90):
+    return {"variant": name, "ewc_lambda": lam, "accepted": accepted,
+            "after": {"a_heldout": a_after, "b_heldout": b_after, "test": 0.5},
+            "forgetting_a": round(a_before - a_after, 6)}
+
+
+def test_lambda_is_chosen_on_held_out_sets_and_checked_against_the_target():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import continual as CB
+
+    plain = _variant("plain", None, 0.86, 0.95)  # forgets 4 points
+    variants = [plain, _variant("ewc_replay", 0.01, 0.87, 0.95),
+                _variant("ewc_replay", 0.1, 0.89, 0.945),  # forgets 1 point, B 0.5 below plain
+                _variant("ewc_replay", 1.0, 0.90, 0.93),  # forgets nothing but learns 2 points less
+                _variant("ewc_replay", 10.0, 0.90, 0.95, accepted=False)]  # refused by the guard
+    sel = CB.select_lambda(variants)
+    assert sel["ewc_lambda"] == 0.1 and sel["target_met"] is True and sel["b_heldout_gap"] == pytest.approx(0.005)
+    sel = CB.select_lambda([plain, _variant("ewc_replay", 0.01, 0.87, 0.95)])
+    assert sel["ewc_lambda"] == 0.01 and sel["target_met"] is False and "more than half" in sel["why"]
+    sel = CB.select_lambda([plain, _variant("ewc_replay", 1.0, 0.90, 0.93)])
+    assert sel["ewc_lambda"] is None and sel["target_met"] is False
+    gaining = _variant("plain", None, 0.91, 0.95)  # plain finetuning gained on A: nothing to halve
+    sel = CB.select_lambda([gaining, _variant("ewc_replay", 0.1, 0.90, 0.95)])
+    assert sel["target_met"] is None and "forgot nothing" in sel["why"]
+    assert CB.select_lambda([plain]) is None
