@@ -75,7 +75,7 @@ def test_new_keys_have_defaults_and_are_validated(tmp_path, small_checkpoint, ti
 
     d = SLM360Classifier.get_default_config()
     assert (d["holdout_fraction"], d["holdout_max"], d["replay_size"], d["ewc_lambda"], d["max_forgetting"]) == \
-        (0.1, 500, 1000, 1.0, 0.02)
+        (0.1, 500, 1000, 3e-4, 0.02)
     with pytest.raises(Exception) as err:
         train_nlu(str(write_config(tmp_path, small_checkpoint, max_forgetting=5)), str(tiny_nlu), str(tmp_path / "m"))
     assert "max_forgetting" in str(err.value) + str(err.value.__cause__)
