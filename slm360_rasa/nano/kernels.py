@@ -745,6 +745,7 @@ def rope_serial(qkv, positions, cos, sin, n_rot_heads, head_dim):
         _rope_row(qkv, positions, cos, sin, n_rot_heads, head_dim, n)
 
 
+@njit(cache=True)
 def _attention_scratch(T, head_dim):
     """Scratch of `_attention_job` for sequences of up to T tokens: q (T4, D), kt (D, Tp),
     v (T, Dp) zero-initialised (its padding columns are never written), p (T4, Tp)."""
@@ -753,9 +754,6 @@ def _attention_scratch(T, head_dim):
     T4 = (T + 3) // 4 * 4
     return (np.empty((T4, head_dim), np.float32), np.empty((head_dim, Tp), np.float32),
             np.zeros((max(T, 1), Dp), np.float32), np.empty((T4, Tp), np.float32))
-
-
-_attention_scratch = njit(cache=True)(_attention_scratch)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
