@@ -12,7 +12,9 @@ Protocol, on one dataset (default Banking77), seeded:
      epochs (like `rasa train --finetune --epoch-fraction`), in two ways:
        plain        continue training on B only: no replay, no EWC, no guard;
        ewc_replay   `ContinualLearner.learn` with the model's replay buffer, the EWC
-                    penalty (`--ewc-lambda`, several values allowed) and the guard.
+                    penalty (`--ewc-lambda`, several values allowed) and the guard; with
+                    `--replay-ratio` (several allowed) each epoch replays a fresh sample of
+                    the buffer of that many examples per new one instead of all of it.
   4. Report, before and after each update: accuracy on A held-out (what is forgotten), on B
      held-out (what is learnt) and on the full test split, plus wall time.
   5. The anchor (`--systems diet`): DIET's default pipeline (benchmarks/configs/diet.yml)
@@ -22,8 +24,8 @@ Protocol, on one dataset (default Banking77), seeded:
      (benchmarks/_rasa_eval.py) on A held-out, B held-out and test. DIET has no replay or
      EWC: its update is plain finetuning.
 
-Forgetting = accuracy on A held-out before the update minus after. Hyperparameters (lambda)
-are to be chosen on the held-out sets, never on test.
+Forgetting = accuracy on A held-out before the update minus after. Hyperparameters (lambda,
+replay ratio) are chosen on the held-out sets, never on test.
 
 `--protocol skewed` changes one thing: the update data. Two halves drawn alike teach the
 model nothing that contradicts half A, and a fine-tuned pretrained encoder then does not
@@ -118,9 +120,10 @@ def select_lambda(variants: List[dict]) -> Optional[dict]:
     """Choose the EWC lambda on the held-out sets only (never test) and check issue #7's target.
 
     Among the accepted ewc_replay variants whose B held-out accuracy is within MATCH_B of
-    plain finetuning's, the one that forgets least on A held-out (ties: the smaller lambda).
-    Returns {"ewc_lambda", "forgetting_a", "plain_forgetting_a", "b_heldout_gap", "target_met",
-    "why"} or None when there is no plain or no EWC variant to compare.
+    plain finetuning's, the one that forgets least on A held-out (ties: the smaller lambda,
+    then the smaller replay ratio, whole buffer last). Returns {"ewc_lambda", "replay_ratio",
+    "forgetting_a", "plain_forgetting_a", "b_heldout_gap", "target_met", "why"} or None when
+    there is no plain or no EWC variant to compare.
     """
     plain = next((v for v in variants if v["variant"] == "plain"), None)
     ewc = [v for v in variants if v["variant"] == "ewc_replay" and v["after"]["a_heldout"] is not None]
@@ -133,10 +136,10 @@ def select_lambda(variants: List[dict]) -> Optional[dict]:
 
     ok = [v for v in ewc if v["accepted"] and gap(v) <= MATCH_B + 1e-9]
     if not ok:
-        return {"ewc_lambda": None, "forgetting_a": None, "plain_forgetting_a": pf, "b_heldout_gap": None,
+        return {"ewc_lambda": None, "replay_ratio": None, "forgetting_a": None, "plain_forgetting_a": pf, "b_heldout_gap": None,
                 "target_met": False, "why": f"no accepted EWC + replay variant within {MATCH_B * 100:g} point of "
                                             "plain finetuning on B held-out"}
-    best = min(ok, key=lambda v: (v["forgetting_a"], v["ewc_lambda"]))
+    best = min(ok, key=lambda v: (v["forgetting_a"], v["ewc_lambda"], _ratio_key(v.get("replay_ratio"))))
     f = best["forgetting_a"]
     if pf <= 0:
         met, why = None, (f"plain finetuning forgot nothing on A held-out ({pf * 100:+.2f} pts): "
@@ -145,8 +148,16 @@ def select_lambda(variants: List[dict]) -> Optional[dict]:
         met = f <= FORGET_RATIO * pf
         why = (f"forgets {f * 100:+.2f} pts on A vs plain {pf * 100:+.2f} pts "
                f"({'at most' if met else 'more than'} half), B held-out {gap(best) * 100:+.2f} pts below plain")
-    return {"ewc_lambda": best["ewc_lambda"], "forgetting_a": f, "plain_forgetting_a": pf,
+    return {"ewc_lambda": best["ewc_lambda"], "replay_ratio": best.get("replay_ratio"), "forgetting_a": f, "plain_forgetting_a": pf,
             "b_heldout_gap": gap(best), "target_met": met, "why": why}
+
+
+def _ratio_key(ratio: Optional[float]) -> float:
+    return float("inf") if ratio is None else ratio
+
+
+def _ratio_text(ratio: Optional[float]) -> str:
+    return "all" if ratio is None else format(ratio, "g")
 
 
 def _recipe_hash(ds, args) -> str:
@@ -196,8 +207,9 @@ def run(args) -> dict:
     _say(f"half-A model: {before}")
     epochs_b = max(1, round(args.epochs * args.finetune_epoch_fraction))
     variants: List[dict] = []
-    plans = [("plain", None)] + [("ewc_replay", lam) for lam in args.ewc_lambda]
-    for name, lam in plans:
+    plans = [("plain", None, None)] + [("ewc_replay", lam, ratio) for ratio in args.replay_ratio
+                                        for lam in args.ewc_lambda]
+    for name, lam, ratio in plans:
         t1 = time.time()
         if name == "plain":
             prev = model_a.clone()
@@ -206,15 +218,16 @@ def run(args) -> dict:
                                        holdout_fraction=0.0)
         else:
             learner = ContinualLearner(model_a.clone(), epochs=epochs_b, ewc_lambda=float(lam),
-                                       holdout_fraction=0.0)
-        _say(f"{name}{'' if lam is None else f' (lambda {lam:g})'}: updating on {len(b_train)} examples of half B "
+                                       replay_ratio=ratio, holdout_fraction=0.0)
+        tag = "" if lam is None else f" (lambda {lam:g}, replay ratio {_ratio_text(ratio)})"
+        _say(f"{name}{tag}: updating on {len(b_train)} examples of half B "
              f"for {epochs_b} epochs ...")
         report = learner.learn(b_train.texts, b_train.intents, b_train.entities, progress=not args.no_progress)
         seconds = round(time.time() - t1, 1)
         # A refused update keeps the half-A weights; measure what the update would have given too.
         after = evaluate(learner.model, sets)
-        rec = {"variant": name, "ewc_lambda": lam, "epochs": epochs_b, "seconds": seconds,
-               "n_replay": report.n_replay, "accepted": report.accepted, "guard": report.to_dict(),
+        rec = {"variant": name, "ewc_lambda": lam, "replay_ratio": ratio, "epochs": epochs_b, "seconds": seconds,
+               "n_replay": report.n_replay, "replay_per_epoch": report.replay_per_epoch, "accepted": report.accepted, "guard": report.to_dict(),
                "after": after,
                "forgetting_a": _diff(before["a_heldout"], after["a_heldout"]),
                "gain_b": _diff(after["b_heldout"], before["b_heldout"])}
@@ -351,12 +364,14 @@ def markdown(r: dict) -> str:
          f"({s['b_heldout']} held out, {s['b_train']} trained on). Test: {s['test']}.", "",
          f"Half-A model: {a['epochs']} epochs in {a['train_s']} s; accuracy A held-out {f(a['accuracy']['a_heldout'])}, "
          f"B held-out {f(a['accuracy']['b_heldout'])}, test {f(a['accuracy']['test'])}.", "",
-         "| update on B | EWC lambda | replayed | epochs | time s | A held-out | forgetting on A | B held-out | "
-         "test | guard |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "| update on B | EWC lambda | replayed per epoch | epochs | time s | A held-out | forgetting on A | "
+         "B held-out | test | guard |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in r["variants"]:
         lam = "-" if v["ewc_lambda"] is None else f"{v['ewc_lambda']:g}"
         guard = "off" if v["guard"]["max_forgetting"] is None else ("accepted" if v["accepted"] else "REFUSED")
-        L.append(f"| {v['variant']} | {lam} | {v['n_replay']} | {v['epochs']} | {v['seconds']} | "
+        per = v.get("replay_per_epoch", v["n_replay"])
+        replayed = str(per) if per == v["n_replay"] else f"{per} of {v['n_replay']} (ratio {v['replay_ratio']:g})"
+        L.append(f"| {v['variant']} | {lam} | {replayed} | {v['epochs']} | {v['seconds']} | "
                  f"{f(v['after']['a_heldout'])} | "
                  f"{'n/a' if v['forgetting_a'] is None else format(100 * v['forgetting_a'], '+.2f') + ' pts'} | "
                  f"{f(v['after']['b_heldout'])} | {f(v['after']['test'])} | {guard} |")
@@ -371,9 +386,11 @@ def markdown(r: dict) -> str:
               f"B held-out {f(d['before']['b_heldout'])}, test {f(d['before']['test'])}."]
     sel = r.get("selection")
     if sel:
-        L += ["", f"Lambda chosen on the held-out sets (least forgetting on A held-out among the accepted "
+        chosen = ("none" if sel["ewc_lambda"] is None else
+                  f"lambda {sel['ewc_lambda']:g}, replay ratio {_ratio_text(sel.get('replay_ratio'))}")
+        L += ["", f"Chosen on the held-out sets (least forgetting on A held-out among the accepted "
               f"EWC + replay updates within {MATCH_B * 100:g} point of plain finetuning on B held-out; test not "
-              f"used): **{'none' if sel['ewc_lambda'] is None else format(sel['ewc_lambda'], 'g')}**. "
+              f"used): **{chosen}**. "
               f"Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
               f"**{ {True: 'met', False: 'MISSED', None: 'not measurable'}[sel['target_met']] }**: {sel['why']}."]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten). "
@@ -398,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"the sweep {' '.join(format(x, 'g') for x in DEFAULT_LAMBDAS)}, where 0 is replay alone: "
                          "with the Fisher normalised to mean 1 over 4.3M weights, lambda >= 0.01 froze the "
                          "update entirely on Banking77 and 0.001 already held back most of it)")
+    ap.add_argument("--replay-ratio", action="append", default=None,
+                    help="replayed examples per new example and epoch of the ewc_replay update, a fresh "
+                         "sample of the buffer each epoch, or 'all' for the whole buffer every epoch "
+                         "(repeatable: every lambda runs with every ratio; default all)")
     ap.add_argument("--b-heldout-share", type=float, default=None,
                     help="share of half B held out to measure what the update teaches (at most 500 examples; "
                          "default 0.1, or 0.3 with --protocol skewed, whose half B is small)")
@@ -426,6 +447,12 @@ def main(argv=None) -> int:
     """Command line entry point."""
     args = build_parser().parse_args(argv)
     args.ewc_lambda = args.ewc_lambda or list(DEFAULT_LAMBDAS)
+    try:
+        args.replay_ratio = [None if str(x).lower() == "all" else float(x) for x in (args.replay_ratio or ["all"])]
+    except ValueError:
+        raise SystemExit(f"error: --replay-ratio takes a number > 0 or 'all', got {args.replay_ratio}") from None
+    if any(x is not None and not 0 < x < float("inf") for x in args.replay_ratio):
+        raise SystemExit(f"error: --replay-ratio must be > 0 and finite, got {args.replay_ratio}")
     if args.b_heldout_share is None:
         args.b_heldout_share = 0.3 if args.protocol == "skewed" else 0.1
     if not 0 < args.b_heldout_share < 1:

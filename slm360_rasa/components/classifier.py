@@ -95,6 +95,10 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             "oos_quantile": 0.01,
             # Training examples stored in the model and replayed by `rasa train --finetune`.
             "replay_size": 1000,
+            # Replayed examples per epoch of `--finetune`, as a share of the new training
+            # examples (a fresh sample of the buffer each epoch); null = the whole buffer
+            # every epoch. Smaller values learn the new data more, with EWC keeping the old.
+            "replay_ratio": None,
             # EWC strength of `--finetune`: lambda/2 * sum F (w - w_old)^2 with F the Fisher
             # diagonal stored in the model, normalised to mean 1; 0 turns it off (and skips
             # computing F). Chosen on held-out data (benchmarks/continual.py); >= 0.01 freezes.
@@ -137,19 +141,34 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         from ..train.finetune import FinetuneConfig
 
         cfg = self.component_config
+
+        def number(key, kind=float, optional=False):
+            # YAML hands over strings ("1e-3" without a dot is a str) and booleans; convert here
+            # so that a bad value is reported under its own key.
+            v = cfg[key]
+            if v is None and optional:
+                return None
+            if isinstance(v, bool):
+                raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}")
+            try:
+                return kind(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}") from None
+
         try:
             return FinetuneConfig(
-                epochs=int(cfg["epochs"]), batch_size=cfg["batch_size"], learning_rate=float(cfg["learning_rate"]),
-                head_lr_multiplier=float(cfg["head_lr_multiplier"]), weight_decay=float(cfg["weight_decay"]),
-                warmup_ratio=float(cfg["warmup_ratio"]), freeze_layers=cfg["freeze_layers"],
-                max_length=cfg["max_length"], random_seed=int(cfg["random_seed"]),
-                entity_loss_weight=float(cfg["entity_loss_weight"]), label_smoothing=float(cfg["label_smoothing"]),
+                epochs=number("epochs", int), batch_size=cfg["batch_size"], learning_rate=number("learning_rate"),
+                head_lr_multiplier=number("head_lr_multiplier"), weight_decay=number("weight_decay"),
+                warmup_ratio=number("warmup_ratio"), freeze_layers=cfg["freeze_layers"],
+                max_length=cfg["max_length"], random_seed=number("random_seed", int),
+                entity_loss_weight=number("entity_loss_weight"), label_smoothing=number("label_smoothing"),
                 intent_classification=bool(cfg["intent_classification"]),
                 entity_recognition=bool(cfg["entity_recognition"]),
-                holdout_fraction=float(cfg["holdout_fraction"]), holdout_max=cfg["holdout_max"],
-                oos_quantile=None if cfg["oos_quantile"] is None else float(cfg["oos_quantile"]),
-                replay_size=cfg["replay_size"], ewc_lambda=float(cfg["ewc_lambda"]),
-                max_forgetting=None if cfg["max_forgetting"] is None else float(cfg["max_forgetting"]),
+                holdout_fraction=number("holdout_fraction"), holdout_max=cfg["holdout_max"],
+                oos_quantile=number("oos_quantile", optional=True),
+                replay_size=cfg["replay_size"], ewc_lambda=number("ewc_lambda"),
+                replay_ratio=number("replay_ratio", optional=True),
+                max_forgetting=number("max_forgetting", optional=True),
             )
         except (TypeError, ValueError) as e:
             raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None

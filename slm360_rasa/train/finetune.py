@@ -79,6 +79,10 @@ class FinetuneConfig:
     # out-of-scope messages get low confidence; None = plain temperature scaling.
     oos_quantile: Optional[float] = 0.01
     replay_size: int = 1000  # training examples kept in the model and replayed by continual updates
+    # Replayed examples per epoch of a continual update, as a share of its new training
+    # examples (a fresh stratified sample of the buffer each epoch); None = the whole buffer
+    # every epoch. Less replay lets an update learn more of what is new; EWC then keeps the old.
+    replay_ratio: Optional[float] = None
     # EWC strength over the Fisher normalised to mean 1 (train/continual.py). 3e-4: the largest
     # value of benchmarks/continual.py's sweep that cost no learning beyond replay's own on
     # Banking77's skewed update; 1e-3 cost 2.7 points there and >= 0.01 froze the update.
@@ -115,6 +119,10 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        rr = self.replay_ratio
+        if rr is not None and (isinstance(rr, bool) or not (0 < rr < math.inf)):
+            raise ValueError(f"replay_ratio must be a finite number > 0 (replayed per new example and epoch) "
+                             f"or None to replay the whole buffer every epoch, got {rr!r}")
         if isinstance(self.ewc_lambda, bool) or not (0 <= self.ewc_lambda < math.inf):
             raise ValueError(f"ewc_lambda must be a finite number >= 0, got {self.ewc_lambda!r}")
         mf = self.max_forgetting
@@ -273,16 +281,20 @@ class IntentEntityModel:
 
     def fit(self, texts: Sequence[str], intents: Optional[Sequence[str]] = None,
             entities: Optional[Sequence[Sequence[dict]]] = None, progress: bool = True,
-            penalty: Optional[Penalty] = None, holdout: Optional[Examples] = None) -> List[dict]:
+            penalty: Optional[Penalty] = None, holdout: Optional[Examples] = None,
+            replay: Optional[Examples] = None, replay_per_epoch: Optional[int] = None) -> List[dict]:
         """Fine-tune on examples; `entities[i]` are dicts with start, end, entity (char offsets).
 
         Unless `holdout` is given, a stratified `cfg.holdout_fraction` of the examples (at
         most `cfg.holdout_max`) is held out and not trained on; with `holdout`, every given
         example is trained on and `holdout` is the held-out set. `penalty(params)` returns
         (value, gradients) of an extra loss term added at every step (the EWC penalty of
-        continual learning). Afterwards the temperature is fitted on the held-out set and
-        the replay buffer and Fisher diagonal are refreshed. Weights and labels of an
-        existing model are continued from, not reset.
+        continual learning). `replay` (old examples of continual learning) is trained on
+        beside the examples: all of it every epoch, or with `replay_per_epoch` a fresh seeded
+        sample of that many (stratified by intent) each epoch. Afterwards the temperature is
+        fitted on the held-out set and the replay buffer and Fisher diagonal are refreshed
+        from everything trained on. Weights and labels of an existing model are continued
+        from, not reset.
         """
         cfg = self.cfg
         n = len(texts)
@@ -302,10 +314,16 @@ class IntentEntityModel:
         if holdout is None and use_intents and cfg.holdout_fraction > 0:
             data, holdout = holdout_split(data, cfg.holdout_fraction, cfg.holdout_max, cfg.random_seed)
         n = len(data)
+        replay = replay if replay is not None else Examples()
+        r = replay_per_epoch
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0):
+            raise ValueError(f"replay_per_epoch must be an integer >= 0 or None, got {r!r}")
+        per_epoch = len(replay) if r is None else min(len(replay), int(r))
+        data = data + replay  # positions n.. are the replayed examples
         _, seqs, tags = self._token_data(data.texts, data.entities if use_entities else None, cfg.max_length)
         y = np.array([self.intents.index(i) for i in data.intents], np.int64) if use_intents else None
         lengths = np.array([len(s) for s in seqs])
-        steps_per_epoch = -(-n // cfg.batch_size)
+        steps_per_epoch = -(-(n + per_epoch) // cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         freeze = min(cfg.freeze_layers, self.nano.n_layers)
         trainable = [k for k in self.params if self._trainable(k, freeze)] + list(self.heads)
@@ -320,7 +338,14 @@ class IntentEntityModel:
         t_start = time.time()
         for epoch in bar:
             tot_loss, tot_pen, correct, seen, e_ok, e_n = 0.0, 0.0, 0, 0, 0, 0
-            for b in epoch_batches(lengths, cfg.batch_size, cfg.random_seed, epoch):
+            if per_epoch == len(replay):
+                pos = np.arange(len(data))
+            else:  # a fresh replay sample each epoch: over the update, more of the buffer is seen
+                pick = stratified_sample(replay.intents if use_intents else [""] * len(replay), per_epoch,
+                                         [cfg.random_seed, 4, epoch])
+                pos = np.concatenate([np.arange(n), n + pick])
+            for b in epoch_batches(lengths[pos], cfg.batch_size, cfg.random_seed, epoch):
+                b = pos[b]
                 loss, grads, st = self._batch_grads(allp, seqs, y, tags, b, use_intents, use_entities, freeze)
                 if penalty is not None:
                     pen, pgrads = penalty(allp)

@@ -41,7 +41,8 @@ def CB_select(variants):
 
 def _run(tmp, ckpt):
     cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
-           "--epochs", "2", "--ewc-lambda", "1", "--ewc-lambda", "100", "--work-dir", str(tmp / "work"),
+           "--epochs", "2", "--ewc-lambda", "1", "--ewc-lambda", "100", "--replay-ratio", "all",
+           "--replay-ratio", "0.25", "--work-dir", str(tmp / "work"),
            "--out-dir", str(tmp / "out"), "--no-progress"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
@@ -57,13 +58,18 @@ def test_continual_experiment_reports_every_variant_and_resumes(setup):
     assert s["a_heldout"] > 0 and s["b_heldout"] > 0
     plain, *ewc = r["variants"]
     assert plain["variant"] == "plain" and plain["n_replay"] == 0 and plain["guard"]["max_forgetting"] is None
-    assert [v["ewc_lambda"] for v in ewc] == [1.0, 100.0] and all(v["n_replay"] > 0 for v in ewc)
+    assert [(v["ewc_lambda"], v["replay_ratio"]) for v in ewc] == [(1.0, None), (100.0, None), (1.0, 0.25),
+                                                                     (100.0, 0.25)]
+    assert all(v["n_replay"] > 0 for v in ewc)
+    for v in ewc:  # the whole buffer every epoch, or a quarter as many as the new examples
+        want = v["n_replay"] if v["replay_ratio"] is None else min(v["n_replay"], -(-s["b_train"] // 4))
+        assert v["replay_per_epoch"] == want
     assert all(v["epochs"] == 1 for v in r["variants"])  # round(2 x 0.5)
     for v in r["variants"]:
         assert v["forgetting_a"] == pytest.approx(r["half_a_model"]["accuracy"]["a_heldout"] - v["after"]["a_heldout"])
     md = (tmp / "out" / "continual_tiny.md").read_text()
-    assert "| plain |" in md and "| ewc_replay | 100 |" in md
-    assert r["selection"] == CB_select(r["variants"]) and "Lambda chosen on the held-out sets" in md
+    assert "| plain |" in md and "| ewc_replay | 100 |" in md and "(ratio 0.25)" in md
+    assert r["selection"] == CB_select(r["variants"]) and "Chosen on the held-out sets" in md
     again = _run(tmp, ckpt)
     assert again.returncode == 0 and "half-A model exists, reused" in again.stderr
 
@@ -103,6 +109,10 @@ def test_help_and_bad_arguments():
     bad = subprocess.run([sys.executable, str(SCRIPT), "--ewc-lambda", "-1"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--ewc-lambda" in bad.stderr
+    for ratio in ("none", "0", "-2"):
+        bad = subprocess.run([sys.executable, str(SCRIPT), "--replay-ratio", ratio], capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode != 0 and "--replay-ratio" in bad.stderr, ratio
 
 
 @pytest.mark.slow
@@ -139,8 +149,8 @@ def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
     assert ds["before"]["test"] == d["before"]["test"]
 
 
-def _variant(name, lam, a_after, b_after, accepted=True, a_before=0.90):
-    return {"variant": name, "ewc_lambda": lam, "accepted": accepted,
+def _variant(name, lam, a_after, b_after, accepted=True, a_before=0.90, ratio=None):
+    return {"variant": name, "ewc_lambda": lam, "replay_ratio": ratio, "accepted": accepted,
             "after": {"a_heldout": a_after, "b_heldout": b_after, "test": 0.5},
             "forgetting_a": round(a_before - a_after, 6)}
 
@@ -164,3 +174,8 @@ def test_lambda_is_chosen_on_held_out_sets_and_checked_against_the_target():
     sel = CB.select_lambda([gaining, _variant("ewc_replay", 0.1, 0.90, 0.95)])
     assert sel["target_met"] is None and "forgot nothing" in sel["why"]
     assert CB.select_lambda([plain]) is None
+    # Ties on forgetting go to the smaller lambda, then the smaller replay ratio (whole buffer last).
+    sel = CB.select_lambda([plain, _variant("ewc_replay", 0.1, 0.89, 0.95),
+                            _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.5),
+                            _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.25)])
+    assert (sel["ewc_lambda"], sel["replay_ratio"], sel["target_met"]) == (0.1, 0.25, True)

@@ -87,6 +87,16 @@ def test_invalid_config_names_the_key(tmp_path, small_checkpoint, tiny_nlu):
     assert "precision" in "".join(str(e) for e in _chain(err.value))
 
 
+@pytest.mark.parametrize("key,value", [("replay_ratio", "lots"), ("replay_ratio", 0), ("ewc_lambda", True),
+                                       ("learning_rate", None), ("max_forgetting", "two points")])
+def test_bad_training_keys_are_named_without_training(key, value):
+    from slm360_rasa.components.classifier import SLM360Classifier
+
+    config = {**SLM360Classifier.get_default_config(), key: value}
+    with pytest.raises(ValueError, match=f"SLM360Classifier: invalid configuration: {key} must be"):
+        SLM360Classifier(config, None, None, None)
+
+
 def test_rasa_finetune_continues_from_the_previous_model(tmp_path, trained, small_checkpoint, tiny_nlu):
     from rasa.core.agent import Agent
     from rasa.model_training import train_nlu

@@ -153,6 +153,57 @@ def test_fit_adds_the_penalty_to_every_step(checkpoint):
     assert "penalty" in held.history[-1] and "penalty" not in plain.history[-1]
 
 
+def _record_batches(model):
+    """Wrap model._batch_grads to record the example positions of every batch."""
+    seen, inner = [], model._batch_grads
+
+    def spy(allp, seqs, y, tags, b, *rest):
+        seen.append(np.asarray(b).copy())
+        return inner(allp, seqs, y, tags, b, *rest)
+
+    model._batch_grads = spy
+    return seen
+
+
+def test_fit_replays_the_whole_buffer_like_plain_data_by_default(checkpoint):
+    data, old = toy_examples(6), toy_examples(4, offset=8)
+    cfg = FinetuneConfig(**{**BASE, "epochs": 2, "holdout_fraction": 0.0})
+    joined = IntentEntityModel.from_pretrained(cfg, checkpoint=str(checkpoint))
+    joined.fit(*columns(data + old), progress=False)
+    split = IntentEntityModel.from_pretrained(cfg, checkpoint=str(checkpoint))
+    split.fit(*columns(data), progress=False, replay=Examples.build(*columns(old)))
+    # replay_per_epoch=None trains on exactly what concatenating the examples trains on.
+    for k in joined.params:
+        assert np.array_equal(joined.params[k], split.params[k]), k
+    assert split.replay == joined.replay
+
+
+def test_fit_replays_a_fresh_sample_each_epoch(checkpoint):
+    data, old = toy_examples(4), toy_examples(12, offset=4)
+    n, replay = len(data), Examples.build(*columns(old))
+    # ewc_lambda 0: no Fisher afterwards, whose per-example gradients would be recorded too.
+    m = IntentEntityModel.from_pretrained(FinetuneConfig(**{**BASE, "epochs": 3, "holdout_fraction": 0.0,
+                                                            "ewc_lambda": 0.0}), checkpoint=str(checkpoint))
+    seen = _record_batches(m)
+    # With a penalty too (its gradients once shadowed the per-epoch count).
+    zero = lambda params: (0.0, {k: np.zeros_like(v) for k, v in params.items()})  # noqa: E731
+    m.fit(*columns(data), progress=False, replay=replay, replay_per_epoch=6, penalty=zero)
+    steps = -(-(n + 6) // BASE["batch_size"])
+    assert len(seen) == 3 * steps
+    epochs = [np.concatenate(seen[e * steps:(e + 1) * steps]) for e in range(3)]
+    picked = []
+    for pos in epochs:
+        # Every new example once per epoch, plus 6 distinct replayed ones, 2 of each intent.
+        assert sorted(pos[pos < n].tolist()) == list(range(n))
+        r = pos[pos >= n] - n
+        assert len(r) == 6 == len(set(r.tolist()))
+        assert sorted(replay.intents[i] for i in r) == ["book"] * 2 + ["hours"] * 2 + ["menu"] * 2
+        picked.append(frozenset(r.tolist()))
+    assert len(set(picked)) > 1  # a fresh sample, not the same six every epoch
+    with pytest.raises(ValueError, match="replay_per_epoch must be an integer >= 0"):
+        m.fit(*columns(data), progress=False, replay=replay, replay_per_epoch=-1)
+
+
 # ------------------------------------------------------------------ Fisher
 
 
@@ -258,3 +309,17 @@ def test_benign_update_is_accepted_and_deterministic(base, tmp_path):
     # Same data + seed: the same update, down to the bytes of the saved file.
     files = [mm.save(tmp_path / f"{i}.safetensors").read_bytes() for i, mm in enumerate(models)]
     assert files[0] == files[1]
+
+
+def test_replay_ratio_sets_the_replayed_examples_per_epoch(base):
+    m, _ = base
+    new = toy_examples(16, offset=16)
+    full = ContinualLearner(m.clone(), epochs=1).learn(*columns(new))
+    part = ContinualLearner(m.clone(), epochs=1, replay_ratio=0.25).learn(*columns(new))
+    assert full.replay_per_epoch == full.n_replay > 0
+    assert part.n_replay == full.n_replay and part.n_new_train == full.n_new_train
+    assert part.replay_per_epoch == min(part.n_replay, -(-part.n_new_train // 4)) < part.n_replay
+    assert f"{part.replay_per_epoch} replayed examples (of {part.n_replay}) per epoch" in part.summary()
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="replay_ratio must be a finite number > 0"):
+            FinetuneConfig(replay_ratio=bad)
