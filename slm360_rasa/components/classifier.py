@@ -413,3 +413,22 @@ def _max_forgetting_override(configured: Optional[float]) -> Optional[float]:
 def _safe_text(text: Optional[str]) -> str:
     # Rasa may hand over None for messages without text (e.g. a bare /intent payload).
     return text if isinstance(text, str) else ""
+
+
+def _declare_trainable_entity_extractor() -> None:
+    """Add SLM360Classifier to the list of trainable entity extractors in Rasa's recipe validator.
+
+    Rasa 3.6 checks a pipeline against a fixed list (Mitie, CRF, DIET) and otherwise warns on
+    every `rasa train` with entity examples that the configuration "does not include an entity
+    extractor", which is false for this component and would send users to add DIET back.
+    """
+    try:
+        from rasa.graph_components.validators import default_recipe_validator as validator
+    except ImportError:  # a Rasa without this validator has nothing to tell
+        return
+    known = getattr(validator, "TRAINABLE_EXTRACTORS", None)
+    if isinstance(known, list) and SLM360Classifier not in known:
+        known.append(SLM360Classifier)
+
+
+_declare_trainable_entity_extractor()

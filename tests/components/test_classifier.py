@@ -108,3 +108,29 @@ def test_rasa_finetune_continues_from_the_previous_model(tmp_path, trained, smal
     assert model and model != trained
     out = parse(Agent.load(model), "book a table for 4 people")
     assert out["intent"]["name"] == "book_table"
+
+
+def test_rasa_does_not_warn_that_the_pipeline_lacks_an_entity_extractor():
+    import warnings
+
+    from rasa.graph_components.validators.default_recipe_validator import DefaultV1RecipeValidator
+    from rasa.nlu.tokenizers.whitespace_tokenizer import WhitespaceTokenizer
+    from rasa.shared.nlu.training_data.message import Message
+    from rasa.shared.nlu.training_data.training_data import TrainingData
+
+    from slm360_rasa.components.classifier import SLM360Classifier
+
+    data = TrainingData([Message(data={"text": "table for 4", "intent": "book",
+                                       "entities": [{"start": 10, "end": 11, "value": "4", "entity": "people"}]})])
+
+    def messages(components):
+        validator = DefaultV1RecipeValidator.__new__(DefaultV1RecipeValidator)
+        validator._component_types = set(components)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            validator._warn_if_some_training_data_is_unused(data)
+        return " ".join(str(w.message) for w in caught)
+
+    # The check is live (it fires without an extractor) and counts SLM360Classifier as one.
+    assert "does not include an entity extractor" in messages({WhitespaceTokenizer})
+    assert "does not include an entity extractor" not in messages({WhitespaceTokenizer, SLM360Classifier})
