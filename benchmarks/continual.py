@@ -370,7 +370,9 @@ def markdown(r: dict) -> str:
         lam = "-" if v["ewc_lambda"] is None else f"{v['ewc_lambda']:g}"
         guard = "off" if v["guard"]["max_forgetting"] is None else ("accepted" if v["accepted"] else "REFUSED")
         per = v.get("replay_per_epoch", v["n_replay"])
-        replayed = str(per) if per == v["n_replay"] else f"{per} of {v['n_replay']} (ratio {v['replay_ratio']:g})"
+        replayed = str(per) if per == v["n_replay"] else f"{per} of {v['n_replay']}"
+        if v.get("replay_ratio") is not None:  # a ratio that reaches the buffer's size replays all of it
+            replayed += f" (ratio {v['replay_ratio']:g})"
         L.append(f"| {v['variant']} | {lam} | {replayed} | {v['epochs']} | {v['seconds']} | "
                  f"{f(v['after']['a_heldout'])} | "
                  f"{'n/a' if v['forgetting_a'] is None else format(100 * v['forgetting_a'], '+.2f') + ' pts'} | "
