@@ -136,7 +136,8 @@ def select_lambda(variants: List[dict]) -> Optional[dict]:
 
     ok = [v for v in ewc if v["accepted"] and gap(v) <= MATCH_B + 1e-9]
     if not ok:
-        return {"ewc_lambda": None, "replay_ratio": None, "forgetting_a": None, "plain_forgetting_a": pf, "b_heldout_gap": None,
+        return {"ewc_lambda": None, "replay_ratio": None, "forgetting_a": None, "plain_forgetting_a": pf,
+                "b_heldout_gap": None,
                 "target_met": False, "why": f"no accepted EWC + replay variant within {MATCH_B * 100:g} point of "
                                             "plain finetuning on B held-out"}
     best = min(ok, key=lambda v: (v["forgetting_a"], v["ewc_lambda"], _ratio_key(v.get("replay_ratio"))))
@@ -148,7 +149,8 @@ def select_lambda(variants: List[dict]) -> Optional[dict]:
         met = f <= FORGET_RATIO * pf
         why = (f"forgets {f * 100:+.2f} pts on A vs plain {pf * 100:+.2f} pts "
                f"({'at most' if met else 'more than'} half), B held-out {gap(best) * 100:+.2f} pts below plain")
-    return {"ewc_lambda": best["ewc_lambda"], "replay_ratio": best.get("replay_ratio"), "forgetting_a": f, "plain_forgetting_a": pf,
+    return {"ewc_lambda": best["ewc_lambda"], "replay_ratio": best.get("replay_ratio"), "forgetting_a": f,
+            "plain_forgetting_a": pf,
             "b_heldout_gap": gap(best), "target_met": met, "why": why}
 
 
@@ -227,7 +229,8 @@ def run(args) -> dict:
         # A refused update keeps the half-A weights; measure what the update would have given too.
         after = evaluate(learner.model, sets)
         rec = {"variant": name, "ewc_lambda": lam, "replay_ratio": ratio, "epochs": epochs_b, "seconds": seconds,
-               "n_replay": report.n_replay, "replay_per_epoch": report.replay_per_epoch, "accepted": report.accepted, "guard": report.to_dict(),
+               "n_replay": report.n_replay, "replay_per_epoch": report.replay_per_epoch,
+               "accepted": report.accepted, "guard": report.to_dict(),
                "after": after,
                "forgetting_a": _diff(before["a_heldout"], after["a_heldout"]),
                "gain_b": _diff(after["b_heldout"], before["b_heldout"])}

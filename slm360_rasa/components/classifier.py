@@ -148,12 +148,12 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             v = cfg[key]
             if v is None and optional:
                 return None
-            if isinstance(v, bool):
-                raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}")
-            try:
-                return kind(v)
-            except (TypeError, ValueError):
-                raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}") from None
+            if not isinstance(v, bool):
+                try:
+                    return kind(v)
+                except (TypeError, ValueError):
+                    pass
+            raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}")
 
         try:
             return FinetuneConfig(

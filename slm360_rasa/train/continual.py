@@ -333,7 +333,7 @@ class ContinualLearner:
         seen = set(zip(new_train.texts, new_train.intents))
         replay = prev.replay.subset([i for i, k in enumerate(zip(prev.replay.texts, prev.replay.intents))
                                      if k not in seen])
-        per_epoch = len(replay)
+        per_epoch = len(replay)  # with nothing new left to train on, the whole buffer is the update
         if cfg.replay_ratio is not None and len(new_train):
             per_epoch = min(len(replay), math.ceil(cfg.replay_ratio * len(new_train)))
         if len(prev.holdout):
@@ -352,11 +352,8 @@ class ContinualLearner:
             current = {**prev.params, **prev.heads}
             penalty = EWCPenalty(fisher, {k: current[k] for k in fisher}, cfg.ewc_lambda)
         candidate = prev.clone(cfg)
-        # With nothing new left to train on (all of it was old held-out data), the update
-        # replays the buffer alone, as a plain training set.
-        main, extra = (new_train, replay) if len(new_train) else (replay, Examples())
-        candidate.fit(main.texts, main.intents, main.entities, progress=progress, penalty=penalty,
-                      holdout=holdout, replay=extra, replay_per_epoch=per_epoch if len(new_train) else None)
+        candidate.fit(new_train.texts, new_train.intents, new_train.entities, progress=progress, penalty=penalty,
+                      holdout=holdout, replay=replay, replay_per_epoch=per_epoch)
 
         before = after = drop = None
         accepted = True

@@ -298,11 +298,14 @@ class IntentEntityModel:
         """
         cfg = self.cfg
         n = len(texts)
-        if n == 0:
+        replay = replay if replay is not None else Examples()
+        if n + len(replay) == 0:
             raise ValueError("no training examples: add NLU examples with intents (and entities)")
         use_intents = cfg.intent_classification and intents is not None
         use_entities = cfg.entity_recognition and entities is not None
-        self._set_labels(intents if use_intents else None, entities if use_entities else None)
+        # Replayed examples are trained on too, so their labels must be known to the heads.
+        self._set_labels(list(intents) + replay.intents if use_intents else None,
+                         list(entities) + replay.entities if use_entities else None)
         use_entities = use_entities and len(self.tags) > 1
         C = self.nano.dim
         if use_intents and f"{INTENT}.weight" not in self.heads:
@@ -314,7 +317,6 @@ class IntentEntityModel:
         if holdout is None and use_intents and cfg.holdout_fraction > 0:
             data, holdout = holdout_split(data, cfg.holdout_fraction, cfg.holdout_max, cfg.random_seed)
         n = len(data)
-        replay = replay if replay is not None else Examples()
         r = replay_per_epoch
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0):
             raise ValueError(f"replay_per_epoch must be an integer >= 0 or None, got {r!r}")

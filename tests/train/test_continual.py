@@ -323,3 +323,14 @@ def test_replay_ratio_sets_the_replayed_examples_per_epoch(base):
     for bad in (0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="replay_ratio must be a finite number > 0"):
             FinetuneConfig(replay_ratio=bad)
+
+
+def test_an_update_of_old_held_out_examples_only_replays_the_buffer(base):
+    m, _ = base
+    # Every text is an old held-out one: it stays held out, so the update trains on the buffer alone.
+    report = ContinualLearner(m.clone(), epochs=1, replay_ratio=0.25).learn(list(m.holdout.texts),
+                                                                          list(m.holdout.intents))
+    assert report.n_new_train == 0 and report.n_replay == len(m.replay) > 0
+    assert report.replay_per_epoch == report.n_replay  # a ratio of nothing new still replays everything
+    with pytest.raises(ValueError, match="no training examples"):
+        m.clone().fit([], [], progress=False)
