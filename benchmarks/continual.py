@@ -38,6 +38,11 @@ replay have something to prevent. B held-out is drawn from this skewed B.
 
 Writes benchmarks/results/continual_<dataset>.json and .md. Resumable: the half-A model is
 saved under --work-dir and reused when its recipe (data hash, seed, epochs) matches.
+
+One seed moves the held-out accuracies by single examples, as large as the effects measured.
+Runs with other --seed values are kept beside the default one (continual_<dataset>_seed<N>),
+and from two seeds on, continual_<dataset>_across_seeds.md pools them: per-seed figures, means,
+and the target checked on the means.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -59,6 +65,7 @@ sys.path.insert(0, str(HERE))
 import compare as C  # noqa: E402  (sibling module: dataset loading, machine description)
 
 DEFAULT_WORK = ROOT / "runs" / "continual"
+DEFAULT_SEED = 42  # results of other seeds get a _seed<N> suffix
 RESULTS = HERE / "results"
 
 
@@ -252,13 +259,119 @@ def run(args) -> dict:
         "selection": select_lambda(variants),
         "diet": diet,
     }
-    out = Path(args.out_dir) / (f"continual_{ds.name}{'_skewed' if args.protocol == 'skewed' else ''}"
-                                f"{'_quick' if args.quick else ''}")
+    out = Path(args.out_dir) / result_stem(ds.name, args.protocol, args.seed, bool(args.quick))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     _say(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+    summary = seed_summary(Path(args.out_dir), ds.name, args.protocol, bool(args.quick))
+    if summary is not None:
+        _say(f"across {len(summary['seeds'])} seeds: {summary['files']['md']}")
     return result
+
+
+def result_stem(dataset: str, protocol: str, seed: int, quick: bool) -> str:
+    """File name (no suffix) of one run's results; runs with another seed than the default sit beside it."""
+    return (f"continual_{dataset}{'_skewed' if protocol == 'skewed' else ''}"
+            f"{'' if seed == DEFAULT_SEED else f'_seed{seed}'}{'_quick' if quick else ''}")
+
+
+def _variant_key(v: dict) -> tuple:
+    return v["variant"], v["ewc_lambda"], v.get("replay_ratio")
+
+
+def _mean(xs: List[Optional[float]]) -> Optional[float]:
+    return None if any(x is None for x in xs) else round(sum(xs) / len(xs), 6)
+
+
+def seed_summary(out_dir: Path, dataset: str, protocol: str, quick: bool) -> Optional[dict]:
+    """Pool the runs of one dataset and protocol made with different --seed values.
+
+    One seed moves A and B held-out accuracy by single examples (0.2 points of 500), the size
+    of the differences the target is about; the mean over seeds is what the verdict should
+    rest on. Reads every `result_stem(dataset, protocol, <seed>, quick)` JSON in `out_dir`, keeps
+    the update variants that every seed ran, averages each variant's accuracies and forgetting,
+    and applies `select_lambda` (the same rule as one run's) to the means. Writes
+    `<stem>_across_seeds.json` and `.md` and returns the summary, or None with fewer than two
+    seeds. Runs whose recipe differs (epochs, update epochs, B held-out share) are an error:
+    pooling them would average different experiments.
+    """
+    base = result_stem(dataset, protocol, DEFAULT_SEED, False)
+    pattern = re.compile(re.escape(base) + r"(?:_seed(-?\d+))?" + ("_quick" if quick else "") + r"\.json")
+    runs = []
+    for path in sorted(out_dir.glob(f"{base}*.json")):
+        if pattern.fullmatch(path.name):
+            r = json.loads(path.read_text(encoding="utf-8"))
+            if r.get("schema") == "slm360-continual/1" and r.get("protocol", "iid") == protocol:
+                runs.append(r)
+    runs.sort(key=lambda r: r["seed"])
+    if len(runs) < 2:
+        return None
+
+    def recipe(r):
+        return (r["half_a_model"]["epochs"], sorted({v["epochs"] for v in r["variants"]}), r.get("b_heldout_share"))
+    if len({json.dumps(recipe(r)) for r in runs}) > 1:
+        raise C.CompareError(f"{out_dir}: the {base} runs of seeds {[r['seed'] for r in runs]} differ in epochs or "
+                             "B held-out share; re-run them with the same options before pooling")
+    common = [_variant_key(v) for v in runs[0]["variants"]
+              if all(any(_variant_key(w) == _variant_key(v) for w in r["variants"]) for r in runs[1:])]
+    pooled = []
+    for key in common:
+        per = [next(w for w in r["variants"] if _variant_key(w) == key) for r in runs]
+        after = {s: _mean([v["after"][s] for v in per]) for s in ("a_heldout", "b_heldout", "test")}
+        pooled.append({"variant": key[0], "ewc_lambda": key[1], "replay_ratio": key[2],
+                       "accepted": all(v["accepted"] for v in per), "after": after,
+                       "forgetting_a": _mean([v["forgetting_a"] for v in per]),
+                       "gain_b": _mean([v["gain_b"] for v in per]),
+                       "seconds": round(sum(v["seconds"] for v in per) / len(per), 1),
+                       "per_seed": [{"seed": r["seed"], "forgetting_a": v["forgetting_a"], "after": v["after"],
+                                     "accepted": v["accepted"]} for r, v in zip(runs, per)]})
+    before = {s: _mean([r["half_a_model"]["accuracy"][s] for r in runs]) for s in ("a_heldout", "b_heldout", "test")}
+    summary = {"schema": "slm360-continual-seeds/1", "dataset": dataset, "protocol": protocol, "quick": quick,
+               "seeds": [r["seed"] for r in runs], "split": runs[0]["split"], "half_a_before": before,
+               "variants": pooled, "selection": select_lambda(pooled)}
+    stem = out_dir / f"{result_stem(dataset, protocol, DEFAULT_SEED, quick)}_across_seeds"
+    summary["files"] = {"json": str(stem.with_suffix(".json")), "md": str(stem.with_suffix(".md"))}
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    stem.with_suffix(".md").write_text(seed_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def seed_markdown(s: dict) -> str:
+    """The across-seeds summary as Markdown: per-seed figures and their means."""
+    def pts(x):
+        return "n/a" if x is None else format(100 * x, "+.2f")
+
+    def acc(x):
+        return "n/a" if x is None else format(x, ".4f")
+
+    seeds = ", ".join(str(x) for x in s["seeds"])
+    b = s["half_a_before"]
+    L = [f"# Continual learning on {s['dataset']}, {len(s['seeds'])} seeds"
+         f"{' (QUICK MODE: not benchmark figures)' if s['quick'] else ''}", "",
+         f"Protocol: {s['protocol']}. Seeds {seeds}: each seed draws its own halves, held-out sets and training "
+         "order. Per-seed reports: the `continual_*` files beside this one.", "",
+         f"Half-A models, mean: A held-out {acc(b['a_heldout'])}, B held-out {acc(b['b_heldout'])}, "
+         f"test {acc(b['test'])}.", "",
+         f"| update on B | EWC lambda | replay ratio | forgetting on A, pts (seeds {seeds}) | mean | "
+         "B held-out (per seed) | mean | test, mean | guard accepted |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in s["variants"]:
+        lam = "-" if v["ewc_lambda"] is None else f"{v['ewc_lambda']:g}"
+        ratio = "-" if v["variant"] == "plain" else _ratio_text(v["replay_ratio"])
+        n_ok = sum(p["accepted"] for p in v["per_seed"])
+        guard = "off" if v["variant"] == "plain" else f"{n_ok}/{len(v['per_seed'])}"
+        L.append(f"| {v['variant']} | {lam} | {ratio} | {' / '.join(pts(p['forgetting_a']) for p in v['per_seed'])} | "
+                 f"**{pts(v['forgetting_a'])}** | {' / '.join(acc(p['after']['b_heldout']) for p in v['per_seed'])} | "
+                 f"**{acc(v['after']['b_heldout'])}** | {acc(v['after']['test'])} | {guard} |")
+    sel = s.get("selection")
+    if sel:
+        chosen = ("none" if sel["ewc_lambda"] is None else
+                  f"lambda {sel['ewc_lambda']:g}, replay ratio {_ratio_text(sel.get('replay_ratio'))}")
+        L += ["", f"On the means (same rule as one run: held-out sets only, test not used): **{chosen}**. "
+              f"Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
+              f"**{ {True: 'met', False: 'MISSED', None: 'not measurable'}[sel['target_met']] }**: {sel['why']}."]
+    L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten).", ""]
+    return "\n".join(L)
 
 
 def _to_rows(ex) -> list:
@@ -365,7 +478,8 @@ def markdown(r: dict) -> str:
          f"Machine: {r['machine'].get('cpu')} ({r['machine'].get('cores_usable')} cores). Seed {r['seed']}. "
          f"Half A: {s['half_a']} examples ({s['a_heldout']} of them held out by the model); half B: {s['half_b']} "
          f"({s['b_heldout']} held out, {s['b_train']} trained on). Test: {s['test']}.", "",
-         f"Half-A model: {a['epochs']} epochs in {a['train_s']} s; accuracy A held-out {f(a['accuracy']['a_heldout'])}, "
+         f"Half-A model: {a['epochs']} epochs in {a['train_s']} s; "
+         f"accuracy A held-out {f(a['accuracy']['a_heldout'])}, "
          f"B held-out {f(a['accuracy']['b_heldout'])}, test {f(a['accuracy']['test'])}.", "",
          "| update on B | EWC lambda | replayed per epoch | epochs | time s | A held-out | forgetting on A | "
          "B held-out | test | guard |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -382,7 +496,8 @@ def markdown(r: dict) -> str:
                  f"{f(v['after']['b_heldout'])} | {f(v['after']['test'])} | {guard} |")
     d = r.get("diet")
     if d:
-        L.append(f"| DIET `--finetune` (anchor) | - | - | {d['epochs']} x {d['epoch_fraction']:g} | {d['finetune_s']} | "
+        L.append(f"| DIET `--finetune` (anchor) | - | - | {d['epochs']} x {d['epoch_fraction']:g} | "
+                 f"{d['finetune_s']} | "
                  f"{f(d['after']['a_heldout'])} | "
                  f"{'n/a' if d['forgetting_a'] is None else format(100 * d['forgetting_a'], '+.2f') + ' pts'} | "
                  f"{f(d['after']['b_heldout'])} | {f(d['after']['test'])} | - |")
@@ -434,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skewed: share of the intents whose half-B examples are all kept (default 0.2)")
     ap.add_argument("--skew-rest", type=int, default=2,
                     help="skewed: examples kept of every other intent (default 2; >= 1 keeps the label set)")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help=f"split and training seed (default {DEFAULT_SEED}); results of another seed go to "
+                         "continual_<dataset>[_skewed]_seed<N>.json, and once two or more seeds are there a "
+                         "pooled report, continual_<dataset>[_skewed]_across_seeds.md, is written too")
     ap.add_argument("--checkpoint", default=None, help="pretrained encoder (default: the shipped one)")
     ap.add_argument("--quick", action="store_true", help="tiny subsample, for the test suite")
     ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="where the half-A model is kept")

@@ -179,3 +179,52 @@ def test_lambda_is_chosen_on_held_out_sets_and_checked_against_the_target():
                             _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.5),
                             _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.25)])
     assert (sel["ewc_lambda"], sel["replay_ratio"], sel["target_met"]) == (0.1, 0.25, True)
+
+
+def test_runs_of_several_seeds_are_pooled_and_the_target_is_checked_on_the_means(setup):
+    tmp, ckpt = setup
+    out = tmp / "seeds"
+    for seed in ("42", "7"):
+        cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint",
+               str(ckpt), "--epochs", "2", "--ewc-lambda", "1", "--seed", seed, "--work-dir", str(tmp / "work"),
+               "--out-dir", str(out), "--no-progress"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "across 2 seeds" in run.stderr
+    one, two = (json.loads((out / name).read_text()) for name in ("continual_tiny.json", "continual_tiny_seed7.json"))
+    assert (one["seed"], two["seed"]) == (42, 7)
+    assert one["split"]["a_heldout"] > 0 and one["split"]["b_heldout"] > 0
+    s = json.loads((out / "continual_tiny_across_seeds.json").read_text())
+    assert s["seeds"] == [7, 42]
+    assert [(v["variant"], v["ewc_lambda"]) for v in s["variants"]] == [("plain", None), ("ewc_replay", 1.0)]
+    for pooled, a, b in zip(s["variants"], two["variants"], one["variants"]):
+        assert pooled["forgetting_a"] == pytest.approx((a["forgetting_a"] + b["forgetting_a"]) / 2, abs=1e-6)
+        assert pooled["after"]["b_heldout"] == pytest.approx((a["after"]["b_heldout"] + b["after"]["b_heldout"]) / 2,
+                                                             abs=1e-6)
+        assert [p["seed"] for p in pooled["per_seed"]] == [7, 42]
+    assert s["selection"] == CB_select(s["variants"])
+    md = (out / "continual_tiny_across_seeds.md").read_text()
+    assert "2 seeds" in md and "| plain |" in md and "On the means" in md
+
+
+def test_pooling_refuses_runs_of_different_recipes(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import continual as CB
+
+    def run(seed, epochs):
+        v = {"variant": "plain", "ewc_lambda": None, "replay_ratio": None, "epochs": 1, "accepted": True,
+             "seconds": 1.0, "forgetting_a": 0.0, "gain_b": 0.0,
+             "after": {"a_heldout": 0.5, "b_heldout": 0.5, "test": 0.5}}
+        return {"schema": "slm360-continual/1", "protocol": "iid", "seed": seed, "b_heldout_share": 0.1,
+                "split": {}, "half_a_model": {"epochs": epochs, "accuracy": v["after"]}, "variants": [v]}
+
+    (tmp_path / "continual_x.json").write_text(json.dumps(run(42, 10)))
+    assert CB.seed_summary(tmp_path, "x", "iid", False) is None  # one seed: nothing to pool
+    (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 5)))
+    (tmp_path / "continual_x_skewed_seed2.json").write_text(json.dumps(run(2, 10)))  # other protocol: ignored
+    with pytest.raises(CB.C.CompareError, match=r"seeds \[1, 42\] differ in epochs"):
+        CB.seed_summary(tmp_path, "x", "iid", False)
+    (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 10)))
+    s = CB.seed_summary(tmp_path, "x", "iid", False)
+    assert s["seeds"] == [1, 42] and (tmp_path / "continual_x_across_seeds.md").is_file()
