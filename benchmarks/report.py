@@ -154,7 +154,9 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
         for d in datasets:
             diet, slm = results.get((d, "diet")), results.get((d, "slm360"))
             if not (_ok(diet) and _ok(slm)):
-                unmeasured.append(d)
+                why = [f"{label} {cell(results, d, system, '', '')}" for label, system, r in
+                       (("DIET", "diet", diet), ("SLM360", "slm360", slm)) if not _ok(r)]
+                unmeasured.append(f"{d} ({', '.join(why)})")
                 continue
             dm, sm = diet["metrics"], slm["metrics"]
             if key == "accuracy":
@@ -184,9 +186,9 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
         else:
             status = "not measured"
         if unmeasured and (met or missed):
-            status += f". Not measured on {', '.join(unmeasured)} (DIET or SLM360 not run or failed)"
+            status += f". Not measured on {'; '.join(unmeasured)}"
         elif unmeasured:
-            status += f" (no dataset has both DIET and SLM360 results: {', '.join(unmeasured)})"
+            status += f" (no dataset has both DIET and SLM360 results: {'; '.join(unmeasured)})"
         lines.append(f"- {text}: {status}.")
     return lines
 

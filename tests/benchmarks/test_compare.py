@@ -440,6 +440,9 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     assert "intent accuracy above DIET's: **MISSED** on banking77 (SLM360 0.8800 vs DIET 0.9000)" in md
     assert "training at least 3x faster than DIET: met on banking77 (4.00x faster" in md
     assert "model archive at least 4x smaller than DIET's: met on banking77 (12.7x smaller" in md
+    # Each dataset left out of a target says which side is missing and why.
+    assert ("Not measured on snips (SLM360 not run); atis (DIET not run, SLM360 failed (train_failed)); "
+            "clinc150 (DIET not run, SLM360 not run)") in md
     assert md.count("_Machine: Test CPU, 2 cores") >= 5  # beside every table family
     assert "| banking77 | 4000.0 | 1000.0 | 0.25 |" in md  # train wall and SLM360/DIET ratio
     # 2000 CPU-s of 4000 s x 2 cores: flagged; 10 of 2000 is below the 5 % line; None: unknown.
