@@ -363,13 +363,8 @@ def seed_markdown(s: dict) -> str:
         L.append(f"| {v['variant']} | {lam} | {ratio} | {' / '.join(pts(p['forgetting_a']) for p in v['per_seed'])} | "
                  f"**{pts(v['forgetting_a'])}** | {' / '.join(acc(p['after']['b_heldout']) for p in v['per_seed'])} | "
                  f"**{acc(v['after']['b_heldout'])}** | {acc(v['after']['test'])} | {guard} |")
-    sel = s.get("selection")
-    if sel:
-        chosen = ("none" if sel["ewc_lambda"] is None else
-                  f"lambda {sel['ewc_lambda']:g}, replay ratio {_ratio_text(sel.get('replay_ratio'))}")
-        L += ["", f"On the means (same rule as one run: held-out sets only, test not used): **{chosen}**. "
-              f"Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
-              f"**{ {True: 'met', False: 'MISSED', None: 'not measurable'}[sel['target_met']] }**: {sel['why']}."]
+    if s.get("selection"):
+        L += ["", _verdict(s["selection"], "On the means (same rule as one run: held-out sets only, test not used)")]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten).", ""]
     return "\n".join(L)
 
@@ -462,6 +457,15 @@ def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
     return rec
 
 
+def _verdict(sel: dict, how: str) -> str:
+    """One sentence: the EWC + replay setting `how` chose, and issue #7's target against it."""
+    chosen = ("none" if sel["ewc_lambda"] is None else
+              f"lambda {sel['ewc_lambda']:g}, replay ratio {_ratio_text(sel.get('replay_ratio'))}")
+    state = {True: "met", False: "MISSED", None: "not measurable"}[sel["target_met"]]
+    return (f"{how}: **{chosen}**. Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
+            f"**{state}**: {sel['why']}.")
+
+
 def markdown(r: dict) -> str:
     """The result as a Markdown report."""
     s, a = r["split"], r["half_a_model"]
@@ -504,15 +508,10 @@ def markdown(r: dict) -> str:
         L += ["", f"DIET half-A model ({d['epochs']} epochs, {d['n_half_a_trained']} examples: half A less the "
               f"A held-out ones) in {d['train_s']} s: A held-out {f(d['before']['a_heldout'])}, "
               f"B held-out {f(d['before']['b_heldout'])}, test {f(d['before']['test'])}."]
-    sel = r.get("selection")
-    if sel:
-        chosen = ("none" if sel["ewc_lambda"] is None else
-                  f"lambda {sel['ewc_lambda']:g}, replay ratio {_ratio_text(sel.get('replay_ratio'))}")
-        L += ["", f"Chosen on the held-out sets (least forgetting on A held-out among the accepted "
-              f"EWC + replay updates within {MATCH_B * 100:g} point of plain finetuning on B held-out; test not "
-              f"used): **{chosen}**. "
-              f"Target (at most half of plain's forgetting, B within {MATCH_B * 100:g} point): "
-              f"**{ {True: 'met', False: 'MISSED', None: 'not measurable'}[sel['target_met']] }**: {sel['why']}."]
+    if r.get("selection"):
+        L += ["", _verdict(r["selection"], "Chosen on the held-out sets (least forgetting on A held-out among the "
+                           f"accepted EWC + replay updates within {MATCH_B * 100:g} point of plain finetuning on B "
+                           "held-out; test not used)")]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten). "
           "The accuracies after a refused update are those of the candidate the guard refused.", ""]
     return "\n".join(L)
