@@ -162,6 +162,10 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
             if key == "accuracy":
                 ok = sm["accuracy"] > dm["accuracy"]
                 detail = f"SLM360 {sm['accuracy']:.4f} vs DIET {dm['accuracy']:.4f}"
+                pair = paired_accuracy(results, d)
+                if isinstance(pair, dict):
+                    detail += (f"; {_pts(pair['difference'])} pts, 95% CI {_pts(pair['ci95_low'])} to "
+                               f"{_pts(pair['ci95_high'])}, McNemar p = {pair['mcnemar_p']:.2g}")
             elif key == "train":
                 speed = _ratio(dm["train_wall_s"], sm["train_wall_s"])
                 ok = speed is not None and speed >= TRAIN_SPEEDUP_TARGET
@@ -194,6 +198,39 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------- tables
+
+
+def _pts(x: float) -> str:
+    return format(100 * x, "+.2f")
+
+
+def paired_accuracy(results: Results, dataset: str, system: str = "slm360", base: str = "diet"):
+    """`_metrics.paired_accuracy_difference` of `system` over `base` on `dataset`'s test
+    messages (a dict), or a short reason it cannot be computed (a str): a run missing, or
+    the two runs' gold intents not being the same messages in the same order."""
+    a, b = results.get((dataset, base)), results.get((dataset, system))
+    if not (_ok(a) and _ok(b)):
+        return NOT_RUN
+    pa, pb = a.get("per_message") or {}, b.get("per_message") or {}
+    if not (pa.get("correct") and pb.get("correct")):
+        return "no per-message results"
+    if pa.get("gold") != pb.get("gold"):
+        return "different test messages"
+    return M.paired_accuracy_difference(M.str_to_bits(pa["correct"]), M.str_to_bits(pb["correct"]))
+
+
+def paired_accuracy_table(results: Results, datasets: Sequence[str]) -> List[str]:
+    """Per dataset: SLM360 - DIET accuracy with its paired 95 % interval and McNemar p."""
+    rows = []
+    for d in datasets:
+        pair = paired_accuracy(results, d)
+        if isinstance(pair, str):
+            rows.append([d, pair, "-", "-", "-"])
+            continue
+        rows.append([d, _pts(pair["difference"]), f"{_pts(pair['ci95_low'])} to {_pts(pair['ci95_high'])}",
+                     f"{pair['a_only']} / {pair['b_only']}", format(pair["mcnemar_p"], ".2g")])
+    return _table(["dataset", "SLM360 - DIET (pts)", "95% CI (paired bootstrap)",
+                   "right for DIET only / SLM360 only", "McNemar p"], rows)
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
@@ -345,6 +382,12 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
           "### Intent accuracy", "",
           "Top non-fallback intent (when FallbackClassifier answers `nlu_fallback`, the next intent of the ranking).", ""]
     L += quality_table(results, datasets, systems, "accuracy", ".4f") + [""]
+    L += ["Is the difference more than luck? Both systems parse the same test messages, so the comparison is "
+          "paired: the interval resamples messages (10,000 seeded bootstrap draws), and McNemar's exact test "
+          "asks how likely so uneven a split of the messages only one system gets right would be if the two "
+          "were equally accurate. Both cover the sampling of test messages only: each system is one trained "
+          "model (one seed), so run-to-run training variance is not in them.", ""]
+    L += paired_accuracy_table(results, datasets) + [""]
     L += ["### Macro F1", "", "sklearn `f1_score(average='macro')` of the top non-fallback intent.", ""]
     L += quality_table(results, datasets, systems, "macro_f1", ".4f") + [""]
     L += ["### Entity micro F1", "", "Exact character span (start, end) and label; datasets without entities: n/a.", ""]

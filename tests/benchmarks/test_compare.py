@@ -247,6 +247,29 @@ def _raw(intent, conf, ranking, ents=(), lat=1.0):
             "latency_ms": lat}
 
 
+def test_mcnemar_p_matches_the_binomial_test():
+    from scipy.stats import binomtest
+
+    for a_only, b_only in [(90, 124), (3, 17), (0, 6), (40, 40), (1500, 1620)]:
+        assert M.mcnemar_p(a_only, b_only) == pytest.approx(binomtest(a_only, a_only + b_only, 0.5).pvalue, rel=1e-9)
+    assert M.mcnemar_p(0, 0) == 1.0
+
+
+def test_paired_accuracy_difference():
+    rng = random.Random(3)
+    a = [rng.random() < 0.85 for _ in range(2000)]
+    b = [x or rng.random() < 0.4 for x in a]  # b fixes some of a's errors and breaks none
+    r = M.paired_accuracy_difference(a, b, seed=1)
+    want = (sum(b) - sum(a)) / len(a)
+    assert r["difference"] == pytest.approx(want) and r["a_only"] == 0 and r["b_only"] == sum(b) - sum(a)
+    assert 0 < r["ci95_low"] < want < r["ci95_high"] and r["mcnemar_p"] < 1e-6
+    assert M.paired_accuracy_difference(a, b, seed=1) == r  # seeded: the report does not move between runs
+    same = M.paired_accuracy_difference(a, a)
+    assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0 and same["mcnemar_p"] == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        M.paired_accuracy_difference(a, b[:-1])
+
+
 def test_summarize_counts_fallback_as_the_baselines_do():
     test = [C.Example("a", "book", [(0, 1, "x")]), C.Example("b", "menu"), C.Example("c", "menu"), C.Example("d", "hours")]
     oos = [C.Example("o1", "oos"), C.Example("o2", "oos")]
@@ -437,9 +460,11 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     md = out.read_text()
     assert "| snips | 0.9700 | not run |" in md
     assert "failed (train_failed)" in md and "| clinc150 | not run | not run |" in md
-    assert "intent accuracy above DIET's: **MISSED** on banking77 (SLM360 0.8800 vs DIET 0.9000)" in md
     assert "training at least 3x faster than DIET: met on banking77 (4.00x faster" in md
     assert "model archive at least 4x smaller than DIET's: met on banking77 (12.7x smaller" in md
+    # The fake runs answer the same messages "1101": a zero difference, McNemar p = 1.
+    assert "MISSED** on banking77 (SLM360 0.8800 vs DIET 0.9000; +0.00 pts, 95% CI +0.00 to +0.00, McNemar p = 1)" in md
+    assert "| banking77 | +0.00 | +0.00 to +0.00 | 0 / 0 | 1 |" in md and "| snips | not run | - |" in md
     # Each dataset left out of a target says which side is missing and why.
     assert ("Not measured on snips (SLM360 not run); atis (DIET not run, SLM360 failed (train_failed)); "
             "clinc150 (DIET not run, SLM360 not run)") in md
@@ -449,6 +474,18 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     assert "- banking77 / DIET: other processes used 2000 CPU-s during training (25% of the machine)" in md
     assert "banking77 / SLM360: other" not in md
     assert "- snips / DIET: not recorded whether other processes shared the machine" in md
+
+
+def test_paired_accuracy_needs_the_same_test_messages():
+    diet = _fake_result("snips", "diet", 0.75, 10, 2, 500, 3)
+    slm = _fake_result("snips", "slm360", 1.0, 10, 2, 500, 3)
+    for r in (diet, slm):
+        r["per_message"]["gold"] = ["a", "b", "c", "d"]
+    slm["per_message"]["correct"] = "1111"
+    pair = R.paired_accuracy({("snips", "diet"): diet, ("snips", "slm360"): slm}, "snips")
+    assert pair["difference"] == 0.25 and (pair["a_only"], pair["b_only"]) == (0, 1)
+    slm["per_message"]["gold"] = ["a", "b", "d", "c"]
+    assert R.paired_accuracy({("snips", "diet"): diet, ("snips", "slm360"): slm}, "snips") == "different test messages"
 
 
 def test_report_plots(tmp_path):
