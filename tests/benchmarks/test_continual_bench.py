@@ -135,6 +135,8 @@ def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
     assert d["forgetting_a"] == pytest.approx(d["before"]["a_heldout"] - d["after"]["a_heldout"])
     assert d["train_s"] > 0 and d["finetune_s"] > 0 and d["epochs"] == 1
     assert "DIET `--finetune` (anchor)" in (tmp / "out-diet" / "continual_tiny.md").read_text()
+    # The hours-long DIET trainings run (and are saved) before the minutes-long SLM360 updates.
+    assert run.stderr.index("DIET finetune_b: rasa train nlu") < run.stderr.index("plain: updating")
 
     # The other protocol shares half A: DIET's half-A model is reused, only the update runs.
     skewed = subprocess.run(cmd + ["--protocol", "skewed", "--focus-share", "0.34", "--skew-rest", "3"],
