@@ -646,6 +646,24 @@ def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, time
             "log": str(log_path)}
 
 
+def failure_reason(run: dict) -> str:
+    """Why a run_monitored training failed, in words a user can act on. A SIGKILL that we did
+    not send (no timeout) is almost always the kernel's out-of-memory killer: the message
+    gives the peak RSS against the machine's RAM, since Rasa's log ends mid-epoch without a word."""
+    import psutil
+
+    rc = run["rc"]
+    if rc == 0:
+        return "rasa exited 0 but wrote no model archive"
+    if run.get("timed_out"):
+        return "timed out (--train-timeout)"
+    if rc == -signal.SIGKILL:
+        ram_mb = psutil.virtual_memory().total / 2**20
+        return (f"killed by SIGKILL with a peak RSS of {run['peak_rss_mb']:.0f} MB of {ram_mb:.0f} MB RAM: most likely "
+                "out of memory (the kernel's OOM killer; `dmesg` says so where readable)")
+    return f"rc={rc}"
+
+
 def log_tail(path: Path, n: int = LOG_TAIL_CHARS) -> str:
     """Last `n` characters of a log file ('' if unreadable)."""
     try:
@@ -911,9 +929,8 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
                             "run the same command again to continue")
         return _finish(result, out_path, load_start)
     if train["rc"] != 0 or not archive.is_file():
-        why = ("timed out" if train["timed_out"] else f"rc={train['rc']}") if train["rc"] != 0 else \
-            "rasa exited 0 but wrote no model archive"
-        result.update(status="train_failed", error=f"rasa train nlu failed ({why}); log: {train['log']}",
+        result.update(status="train_failed",
+                      error=f"rasa train nlu failed ({failure_reason(train)}); log: {train['log']}",
                       log_tail=log_tail(Path(train["log"])))
         return _finish(result, out_path, load_start)
     result["archive_bytes"] = archive.stat().st_size

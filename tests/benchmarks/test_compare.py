@@ -348,6 +348,18 @@ def test_run_monitored_sees_peak_rss_and_return_code(tmp_path):
     assert r["timed_out"] and r["rc"] != 0 and r["wall_s"] < 20
 
 
+def test_a_training_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path):
+    # What the kernel's OOM killer does to a training process: SIGKILL, Rasa's log cut mid-epoch.
+    code = "import os, signal; b = bytearray(50 * 2**20); b[::4096] = b'x' * len(b[::4096]); os.kill(os.getpid(), 9)"
+    r = C.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
+    assert r["rc"] == -9 and not r["timed_out"]
+    why = C.failure_reason(r)
+    assert why.startswith("killed by SIGKILL with a peak RSS of") and "most likely out of memory" in why
+    assert C.failure_reason({"rc": -9, "timed_out": True}) == "timed out (--train-timeout)"
+    assert C.failure_reason({"rc": 1, "timed_out": False}) == "rc=1"
+    assert C.failure_reason({"rc": 0, "timed_out": False}) == "rasa exited 0 but wrote no model archive"
+
+
 def test_sigterm_ends_the_training_process_tree(tmp_path):
     """`kill` of compare.py (SIGTERM) also ends the Rasa process it started in its own session."""
     import signal
