@@ -914,7 +914,18 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
     if plan:
         result["train_chunks"] = {"epochs": plan, "how": "rasa train nlu, then --finetune <previous chunk> "
                                                          "--epoch-fraction per further chunk"}
-        train = _train_in_chunks(plan, cfg, nlu, work, env, args, name, archive, state_key)
+        try:
+            train = _train_in_chunks(plan, cfg, nlu, work, env, args, name, archive, state_key)
+        except (SystemExit, KeyboardInterrupt):
+            # `kill` or Ctrl-C mid-chunk: the chunks already saved are progress a report should show.
+            done = (_chunk_state(work, state_key, plan) or {}).get("done") or []
+            if done:
+                result["train"] = _chunks_total(done, incomplete=True)
+                result.update(status="train_incomplete",
+                              error=f"interrupted during chunk {len(done) + 1}/{len(plan)}; {len(done)} chunk(s) "
+                                    "saved: run the same command again to continue")
+                _finish(result, out_path, load_start)
+            raise
     else:
         # A name ending in .tar.gz is used verbatim by rasa (model_training._determine_model_name);
         # without the suffix it would apply Path.with_suffix, which mangles names holding a dot.

@@ -637,6 +637,37 @@ def test_training_failure_is_saved_with_rc_and_log_tail(tmp_path):
     assert "rc=1" in saved["error"] and "metrics" not in saved
 
 
+def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monkeypatch):
+    pytest.importorskip("rasa")
+    import argparse
+
+    _tiny_dataset(tmp_path / "data" / "tiny")
+    ds = C.load_dataset(tmp_path / "data", "tiny")
+    cfg, applied = C.build_config("diet", True, {}, {"epochs": 3}, {})
+    calls = []
+
+    def fake_run(cmd, log_path, env, cwd, timeout_s=None):
+        calls.append(cmd)
+        if len(calls) == 2:
+            raise SystemExit(143)  # what compare.py's SIGTERM handler raises mid-chunk
+        out = Path(cmd[cmd.index("--out") + 1]) / cmd[cmd.index("--fixed-model-name") + 1]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"model")
+        return {"cmd": cmd, "rc": 0, "timed_out": False, "wall_s": 5.0, "cpu_s": 9.0, "other_cpu_s": 0.0,
+                "peak_rss_mb": 100.0, "log": str(log_path)}
+
+    monkeypatch.setattr(C, "run_monitored", fake_run)
+    args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=None, eval_timeout=None, quick=True,
+                              env={}, diet_chunk_epochs=1, max_chunks=None)
+    out = tmp_path / "results" / "tiny__diet.json"
+    with pytest.raises(SystemExit):
+        C.run_pair(ds, "diet", cfg, applied, args, {"cpu": "test"}, out)
+    saved = json.loads(out.read_text())
+    assert saved["status"] == "train_incomplete" and len(saved["train"]["chunks"]) == 1
+    assert saved["error"] == "interrupted during chunk 2/3; 1 chunk(s) saved: run the same command again to continue"
+    assert R.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f") == "training (1/3 chunks)"
+
+
 def test_chunk_plan_splits_diet_epochs_only():
     cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 100}]}
     assert C._chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
