@@ -139,6 +139,14 @@ def test_diet_config_is_the_baseline_pipeline():
     assert _pipeline(BENCH / "configs" / "diet.yml") == _pipeline(BASELINE_DIET)
 
 
+def test_the_batch_capped_diet_differs_from_the_default_in_batch_size_only():
+    default, capped = _pipeline(BENCH / "configs" / "diet.yml"), _pipeline(BENCH / "configs" / "diet_batch128.yml")
+    diet = next(c for c in capped if c["name"] == "DIETClassifier")
+    assert diet.pop("batch_size") == [64, 128]
+    assert capped == default
+    assert "diet_batch128" in C.SYSTEMS and "diet_batch128" in C.CHUNKABLE
+
+
 def test_slm360_pipelines_have_the_agreed_components():
     names = [c["name"] for c in _pipeline(BENCH / "configs" / "slm360.yml")]
     assert names == ["WhitespaceTokenizer", C.CLASSIFIER, "EntitySynonymMapper", "FallbackClassifier"]
@@ -356,8 +364,21 @@ def test_a_training_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_pa
     why = C.failure_reason(r)
     assert why.startswith("killed by SIGKILL with a peak RSS of") and "most likely out of memory" in why
     assert C.failure_reason({"rc": -9, "timed_out": True}) == "timed out (--train-timeout)"
+    assert r["pid"] > 0 and C._oom_kill_line(None) is None
     assert C.failure_reason({"rc": 1, "timed_out": False}) == "rc=1"
     assert C.failure_reason({"rc": 0, "timed_out": False}) == "rasa exited 0 but wrote no model archive"
+
+
+def test_the_kernels_oom_line_names_the_killed_training(monkeypatch):
+    log = ("[60109.3] oom-kill:constraint=CONSTRAINT_NONE,task=python,pid=15540,uid=0\n"
+           "[60109.3] Out of memory: Killed process 15540 (python) total-vm:29714332kB, anon-rss:24319824kB\n"
+           "[60111.4] oom_reaper: reaped process 15540 (python)\n")
+    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=log))
+    want = "Out of memory: Killed process 15540 (python) total-vm:29714332kB, anon-rss:24319824kB"
+    assert C._oom_kill_line(15540) == want
+    assert C._oom_kill_line(1554) is None  # another process's kill is not this one's
+    why = C.failure_reason({"rc": -9, "timed_out": False, "peak_rss_mb": 23750.0, "pid": 15540})
+    assert "out of memory, the kernel says: Out of memory: Killed process 15540 (python)" in why
 
 
 def test_sigterm_ends_the_training_process_tree(tmp_path):
@@ -486,6 +507,30 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     assert "- banking77 / DIET: other processes used 2000 CPU-s during training (25% of the machine)" in md
     assert "banking77 / SLM360: other" not in md
     assert "- snips / DIET: not recorded whether other processes shared the machine" in md
+
+
+def test_report_compares_with_the_batch_capped_diet_only_where_the_default_failed(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
+    oom["error"] = "rasa train nlu failed (killed by SIGKILL ...: out of memory, the kernel says: ...)"
+    for r in [oom, _fake_result("atis", "diet_batch128", 0.90, 6000, 20.0, 900, 40.0),
+              _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
+              _fake_result("snips", "diet", 0.96, 3000, 15.0, 900, 40.0),
+              _fake_result("snips", "diet_batch128", 0.99, 3000, 15.0, 900, 40.0),
+              _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)]:
+        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
+    out = tmp_path / "RESULTS.md"
+    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
+    md = out.read_text()
+    assert "> Where the default DIET could not train (atis: see Failed runs)" in md
+    # ATIS against the capped DIET, saying why; SNIPS against the default although the capped one ran too.
+    assert ("met on snips (SLM360 0.9800 vs DIET 0.9600; +0.00 pts" in md
+            and "atis (against DIET batch<=128, the default DIET failed (out of memory): SLM360 0.9500 vs DIET 0.9000"
+            in md)
+    assert "| atis | failed (out of memory) | 0.9000 | 0.9500 | +0.0500 |" in md
+    assert "| snips | 0.9600 | 0.9900 | 0.9800 | +0.0200 |" in md
+    assert "| atis | failed (out of memory) | 6000.0 | 300.0 | 0.05 |" in md
 
 
 def test_paired_accuracy_needs_the_same_test_messages():
