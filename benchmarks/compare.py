@@ -38,7 +38,7 @@ Examples:
   benchmarks/compare.py --quick --datasets snips              # minutes: whole path, tiny data
   benchmarks/compare.py --datasets banking77 --systems diet,slm360
   benchmarks/compare.py --quick --slm360-set checkpoint=/tmp/small.safetensors
-  benchmarks/compare.py --datasets atis --systems diet --diet-chunk-epochs 25   # over several sittings
+  benchmarks/compare.py --datasets snips --systems diet --diet-chunk-epochs 15 --max-chunks 1   # one sitting each
   benchmarks/report.py                                       # RESULTS.md + plots
 
 Run on a quiet machine: timings are ratios measured in one run on one machine. Results of
