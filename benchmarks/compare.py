@@ -809,6 +809,8 @@ def _portable(value):
         return [_portable(v) for v in value]
     if isinstance(value, str) and os.path.isabs(value) and value.startswith(str(ROOT.parent) + os.sep):
         return os.path.relpath(value, ROOT)
+    if isinstance(value, str):  # paths inside free text: error messages, log tails
+        return value.replace(str(ROOT) + os.sep, "").replace(str(ROOT.parent) + os.sep, ".." + os.sep)
     return value
 
 

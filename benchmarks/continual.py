@@ -331,9 +331,9 @@ def seed_summary(out_dir: Path, dataset: str, protocol: str, quick: bool) -> Opt
                "seeds": [r["seed"] for r in runs], "split": runs[0]["split"], "half_a_before": before,
                "variants": pooled, "selection": select_lambda(pooled)}
     stem = out_dir / f"{result_stem(dataset, protocol, DEFAULT_SEED, quick)}_across_seeds"
-    summary["files"] = {"json": str(stem.with_suffix(".json")), "md": str(stem.with_suffix(".md"))}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     stem.with_suffix(".md").write_text(seed_markdown(summary), encoding="utf-8")
+    summary["files"] = {"json": str(stem.with_suffix(".json")), "md": str(stem.with_suffix(".md"))}  # not saved
     return summary
 
 

@@ -713,6 +713,16 @@ def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monk
     assert R.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f") == "training (1/3 chunks)"
 
 
+def test_saved_results_name_no_directory_of_this_machine():
+    root = str(C.ROOT)
+    value = {"archive": f"{root}/runs/m.tar.gz", "data": f"{C.ROOT.parent}/shared/datasets/atis",
+             "log_tail": f"warning in {root}/.venv/lib/x.py:100 while reading {C.ROOT.parent}/shared/a.jsonl",
+             "n": [1, f"{root}/b"], "other": "/usr/lib/python3"}
+    assert C._portable(value) == {"archive": "runs/m.tar.gz", "data": "../shared/datasets/atis",
+                                  "log_tail": "warning in .venv/lib/x.py:100 while reading ../shared/a.jsonl",
+                                  "n": [1, "b"], "other": "/usr/lib/python3"}
+
+
 def test_chunk_plan_splits_diet_epochs_only():
     cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 100}]}
     assert C._chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
