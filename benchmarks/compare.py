@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -809,8 +810,9 @@ def _portable(value):
         return [_portable(v) for v in value]
     if isinstance(value, str) and os.path.isabs(value) and value.startswith(str(ROOT.parent) + os.sep):
         return os.path.relpath(value, ROOT)
-    if isinstance(value, str):  # paths inside free text: error messages, log tails
-        return value.replace(str(ROOT) + os.sep, "").replace(str(ROOT.parent) + os.sep, ".." + os.sep)
+    if isinstance(value, str):  # paths inside free text (error messages, log tails), where a path starts
+        value = re.sub(r"(?<![\w./-])" + re.escape(str(ROOT) + os.sep), "", value)
+        return re.sub(r"(?<![\w./-])" + re.escape(str(ROOT.parent) + os.sep), ".." + os.sep, value)
     return value
 
 

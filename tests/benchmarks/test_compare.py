@@ -717,10 +717,13 @@ def test_saved_results_name_no_directory_of_this_machine():
     root = str(C.ROOT)
     value = {"archive": f"{root}/runs/m.tar.gz", "data": f"{C.ROOT.parent}/shared/datasets/atis",
              "log_tail": f"warning in {root}/.venv/lib/x.py:100 while reading {C.ROOT.parent}/shared/a.jsonl",
-             "n": [1, f"{root}/b"], "other": "/usr/lib/python3"}
+             "n": [1, f"{root}/b"], "other": "/usr/lib/python3",
+             # not a path of this machine: the same letters inside another path stay as they are
+             "tmp": f"see /tmp/x{C.ROOT.parent}/y and /tmp{root}/z"}
     assert C._portable(value) == {"archive": "runs/m.tar.gz", "data": "../shared/datasets/atis",
                                   "log_tail": "warning in .venv/lib/x.py:100 while reading ../shared/a.jsonl",
-                                  "n": [1, "b"], "other": "/usr/lib/python3"}
+                                  "n": [1, "b"], "other": "/usr/lib/python3",
+                                  "tmp": f"see /tmp/x{C.ROOT.parent}/y and /tmp{root}/z"}
 
 
 def test_chunk_plan_splits_diet_epochs_only():
