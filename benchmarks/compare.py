@@ -651,10 +651,11 @@ def run_monitored(cmd: Sequence[str], log_path: Path, env: dict, cwd: Path, time
             "log": str(log_path)}
 
 
-def failure_reason(run: dict) -> str:
+def failure_reason(run: dict, oom_kill: Optional[str] = None) -> str:
     """Why a run_monitored training failed, in words a user can act on. A SIGKILL that we did
     not send (no timeout) is almost always the kernel's out-of-memory killer: the message
-    gives the peak RSS against the machine's RAM, since Rasa's log ends mid-epoch without a word."""
+    gives the peak RSS against the machine's RAM, since Rasa's log ends mid-epoch without a
+    word, and the kernel's own line (`oom_kill`, from `oom_kill_line`) where there is one."""
     import psutil
 
     rc = run["rc"]
@@ -665,11 +666,17 @@ def failure_reason(run: dict) -> str:
     if rc == -signal.SIGKILL:
         ram_mb = psutil.virtual_memory().total / 2**20
         head = f"killed by SIGKILL with a peak RSS of {run['peak_rss_mb']:.0f} MB of {ram_mb:.0f} MB RAM"
-        kernel = _oom_kill_line(run.get("pid"))
-        if kernel:
-            return f"{head}: out of memory, the kernel says: {kernel}"
+        if oom_kill:
+            return f"{head}: out of memory, the kernel says: {oom_kill}"
         return f"{head}: most likely out of memory (the kernel's OOM killer; `dmesg` says so where readable)"
     return f"rc={rc}"
+
+
+def oom_kill_line(run: dict) -> Optional[str]:
+    """The kernel's out-of-memory line for a training that was SIGKILLed without a timeout, else None."""
+    if run["rc"] != -signal.SIGKILL or run.get("timed_out"):
+        return None
+    return _oom_kill_line(run.get("pid"))
 
 
 def _oom_kill_line(pid: Optional[int]) -> Optional[str]:
@@ -964,8 +971,9 @@ def run_pair(ds: Dataset, system: str, cfg: dict, applied: dict, args, machine: 
                             "run the same command again to continue")
         return _finish(result, out_path, load_start)
     if train["rc"] != 0 or not archive.is_file():
-        result.update(status="train_failed",
-                      error=f"rasa train nlu failed ({failure_reason(train)}); log: {train['log']}",
+        oom = oom_kill_line(train)  # kept as a field: report.py says "out of memory" from it, not from prose
+        result.update(status="train_failed", oom_kill=oom,
+                      error=f"rasa train nlu failed ({failure_reason(train, oom)}); log: {train['log']}",
                       log_tail=log_tail(Path(train["log"])))
         return _finish(result, out_path, load_start)
     result["archive_bytes"] = archive.stat().st_size

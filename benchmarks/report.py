@@ -105,8 +105,7 @@ def cell(results: Results, dataset: str, system: str, key: str, fmt: str, na: st
         total = len((r.get("train_chunks") or {}).get("epochs") or []) or "?"
         return f"training ({done}/{total} chunks)"
     if not _ok(r):
-        oom = "out of memory" in str(r.get("error") or "") and "most likely" not in str(r.get("error"))
-        return "failed (out of memory)" if oom else f"failed ({r.get('status')})"
+        return "failed (out of memory)" if r.get("oom_kill") else f"failed ({r.get('status')})"
     v = (r.get("metrics") or {}).get(key)
     return na if v is None else format(v, fmt)
 

@@ -365,6 +365,8 @@ def test_a_training_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_pa
     assert why.startswith("killed by SIGKILL with a peak RSS of") and "most likely out of memory" in why
     assert C.failure_reason({"rc": -9, "timed_out": True}) == "timed out (--train-timeout)"
     assert r["pid"] > 0 and C._oom_kill_line(None) is None
+    assert C.oom_kill_line({"rc": -9, "timed_out": True, "pid": r["pid"]}) is None  # our own timeout kill
+    assert C.oom_kill_line({"rc": 1, "pid": r["pid"]}) is None
     assert C.failure_reason({"rc": 1, "timed_out": False}) == "rc=1"
     assert C.failure_reason({"rc": 0, "timed_out": False}) == "rasa exited 0 but wrote no model archive"
 
@@ -377,7 +379,8 @@ def test_the_kernels_oom_line_names_the_killed_training(monkeypatch):
     want = "Out of memory: Killed process 15540 (python) total-vm:29714332kB, anon-rss:24319824kB"
     assert C._oom_kill_line(15540) == want
     assert C._oom_kill_line(1554) is None  # another process's kill is not this one's
-    why = C.failure_reason({"rc": -9, "timed_out": False, "peak_rss_mb": 23750.0, "pid": 15540})
+    run = {"rc": -9, "timed_out": False, "peak_rss_mb": 23750.0, "pid": 15540}
+    why = C.failure_reason(run, C.oom_kill_line(run))
     assert "out of memory, the kernel says: Out of memory: Killed process 15540 (python)" in why
 
 
@@ -514,6 +517,7 @@ def test_report_compares_with_the_batch_capped_diet_only_where_the_default_faile
     runs.mkdir()
     oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
     oom["error"] = "rasa train nlu failed (killed by SIGKILL ...: out of memory, the kernel says: ...)"
+    oom["oom_kill"] = "Out of memory: Killed process 15540 (python) total-vm:29714332kB"
     for r in [oom, _fake_result("atis", "diet_batch128", 0.90, 6000, 20.0, 900, 40.0),
               _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
               _fake_result("snips", "diet", 0.96, 3000, 15.0, 900, 40.0),
