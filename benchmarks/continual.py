@@ -337,22 +337,25 @@ def seed_summary(out_dir: Path, dataset: str, protocol: str, quick: bool) -> Opt
     return summary
 
 
+def _acc(x: Optional[float]) -> str:
+    return "n/a" if x is None else format(x, ".4f")
+
+
+def _pts(x: Optional[float], suffix: str = "") -> str:
+    """An accuracy difference in points (+1.20), or n/a."""
+    return "n/a" if x is None else format(100 * x, "+.2f") + suffix
+
+
 def seed_markdown(s: dict) -> str:
     """The across-seeds summary as Markdown: per-seed figures and their means."""
-    def pts(x):
-        return "n/a" if x is None else format(100 * x, "+.2f")
-
-    def acc(x):
-        return "n/a" if x is None else format(x, ".4f")
-
     seeds = ", ".join(str(x) for x in s["seeds"])
     b = s["half_a_before"]
     L = [f"# Continual learning on {s['dataset']}, {len(s['seeds'])} seeds"
          f"{' (QUICK MODE: not benchmark figures)' if s['quick'] else ''}", "",
          f"Protocol: {s['protocol']}. Seeds {seeds}: each seed draws its own halves, held-out sets and training "
          "order. Per-seed reports: the `continual_*` files beside this one.", "",
-         f"Half-A models, mean: A held-out {acc(b['a_heldout'])}, B held-out {acc(b['b_heldout'])}, "
-         f"test {acc(b['test'])}.", "",
+         f"Half-A models, mean: A held-out {_acc(b['a_heldout'])}, B held-out {_acc(b['b_heldout'])}, "
+         f"test {_acc(b['test'])}.", "",
          f"| update on B | EWC lambda | replay ratio | forgetting on A, pts (seeds {seeds}) | mean | "
          "B held-out (per seed) | mean | test, mean | guard accepted |", "|---|---|---|---|---|---|---|---|---|"]
     for v in s["variants"]:
@@ -360,9 +363,10 @@ def seed_markdown(s: dict) -> str:
         ratio = "-" if v["variant"] == "plain" else _ratio_text(v["replay_ratio"])
         n_ok = sum(p["accepted"] for p in v["per_seed"])
         guard = "off" if v["variant"] == "plain" else f"{n_ok}/{len(v['per_seed'])}"
-        L.append(f"| {v['variant']} | {lam} | {ratio} | {' / '.join(pts(p['forgetting_a']) for p in v['per_seed'])} | "
-                 f"**{pts(v['forgetting_a'])}** | {' / '.join(acc(p['after']['b_heldout']) for p in v['per_seed'])} | "
-                 f"**{acc(v['after']['b_heldout'])}** | {acc(v['after']['test'])} | {guard} |")
+        per_a = " / ".join(_pts(p["forgetting_a"]) for p in v["per_seed"])
+        per_b = " / ".join(_acc(p["after"]["b_heldout"]) for p in v["per_seed"])
+        L.append(f"| {v['variant']} | {lam} | {ratio} | {per_a} | **{_pts(v['forgetting_a'])}** | {per_b} | "
+                 f"**{_acc(v['after']['b_heldout'])}** | {_acc(v['after']['test'])} | {guard} |")
     if s.get("selection"):
         L += ["", _verdict(s["selection"], "On the means (same rule as one run: held-out sets only, test not used)")]
     L += ["", "Forgetting = A held-out accuracy before the update minus after (positive = forgotten).", ""]
@@ -470,9 +474,6 @@ def markdown(r: dict) -> str:
     """The result as a Markdown report."""
     s, a = r["split"], r["half_a_model"]
 
-    def f(x, fmt=".4f"):
-        return "n/a" if x is None else format(x, fmt)
-
     sk = r.get("skew")
     proto = ("Protocol: skewed update (half B keeps all examples of "
              f"{len(sk['focus_intents'])} focus intents, at most {sk['rest']} of each other intent)."
@@ -483,8 +484,8 @@ def markdown(r: dict) -> str:
          f"Half A: {s['half_a']} examples ({s['a_heldout']} of them held out by the model); half B: {s['half_b']} "
          f"({s['b_heldout']} held out, {s['b_train']} trained on). Test: {s['test']}.", "",
          f"Half-A model: {a['epochs']} epochs in {a['train_s']} s; "
-         f"accuracy A held-out {f(a['accuracy']['a_heldout'])}, "
-         f"B held-out {f(a['accuracy']['b_heldout'])}, test {f(a['accuracy']['test'])}.", "",
+         f"accuracy A held-out {_acc(a['accuracy']['a_heldout'])}, "
+         f"B held-out {_acc(a['accuracy']['b_heldout'])}, test {_acc(a['accuracy']['test'])}.", "",
          "| update on B | EWC lambda | replayed per epoch | epochs | time s | A held-out | forgetting on A | "
          "B held-out | test | guard |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in r["variants"]:
@@ -495,19 +496,19 @@ def markdown(r: dict) -> str:
         if v.get("replay_ratio") is not None:  # a ratio that reaches the buffer's size replays all of it
             replayed += f" (ratio {v['replay_ratio']:g})"
         L.append(f"| {v['variant']} | {lam} | {replayed} | {v['epochs']} | {v['seconds']} | "
-                 f"{f(v['after']['a_heldout'])} | "
-                 f"{'n/a' if v['forgetting_a'] is None else format(100 * v['forgetting_a'], '+.2f') + ' pts'} | "
-                 f"{f(v['after']['b_heldout'])} | {f(v['after']['test'])} | {guard} |")
+                 f"{_acc(v['after']['a_heldout'])} | "
+                 f"{_pts(v['forgetting_a'], ' pts')} | "
+                 f"{_acc(v['after']['b_heldout'])} | {_acc(v['after']['test'])} | {guard} |")
     d = r.get("diet")
     if d:
         L.append(f"| DIET `--finetune` (anchor) | - | - | {d['epochs']} x {d['epoch_fraction']:g} | "
                  f"{d['finetune_s']} | "
-                 f"{f(d['after']['a_heldout'])} | "
-                 f"{'n/a' if d['forgetting_a'] is None else format(100 * d['forgetting_a'], '+.2f') + ' pts'} | "
-                 f"{f(d['after']['b_heldout'])} | {f(d['after']['test'])} | - |")
+                 f"{_acc(d['after']['a_heldout'])} | "
+                 f"{_pts(d['forgetting_a'], ' pts')} | "
+                 f"{_acc(d['after']['b_heldout'])} | {_acc(d['after']['test'])} | - |")
         L += ["", f"DIET half-A model ({d['epochs']} epochs, {d['n_half_a_trained']} examples: half A less the "
-              f"A held-out ones) in {d['train_s']} s: A held-out {f(d['before']['a_heldout'])}, "
-              f"B held-out {f(d['before']['b_heldout'])}, test {f(d['before']['test'])}."]
+              f"A held-out ones) in {d['train_s']} s: A held-out {_acc(d['before']['a_heldout'])}, "
+              f"B held-out {_acc(d['before']['b_heldout'])}, test {_acc(d['before']['test'])}."]
     if r.get("selection"):
         L += ["", _verdict(r["selection"], "Chosen on the held-out sets (least forgetting on A held-out among the "
                            f"accepted EWC + replay updates within {MATCH_B * 100:g} point of plain finetuning on B "
