@@ -17,8 +17,10 @@ For each dataset x system, one pair at a time:
 DIET's 100 epochs can outlast a sitting on 2 cores (Banking77 or ATIS: hours). With
 --diet-chunk-epochs N its training runs as consecutive `rasa train nlu` runs of N epochs, each
 continuing the previous one through Rasa's own `--finetune` (weights and vocabularies carry
-over; the optimizer's moment estimates restart once per chunk); progress is saved after each
-chunk, and a pair interrupted mid-training resumes at its next chunk. The result lists each
+over; the optimizer's moment estimates restart once per chunk, and so does DIET's batch-size
+ramp, which spans each run's own epochs: the default's 64 to 256 repeats within every chunk,
+the same mean batch size as one 100-epoch run); progress is saved after each chunk, and a
+pair interrupted mid-training resumes at its next chunk. The result lists each
 chunk; its training time is the sum of the chunks' (Rasa's start-up included in each).
 
 Systems (pipelines in benchmarks/configs/):

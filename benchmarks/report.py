@@ -168,8 +168,10 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
             base = diet_baseline(results, d)
             diet, slm = results.get((d, base)), results.get((d, "slm360"))
             if not (_ok(diet) and _ok(slm)):
-                why = [f"{label} {cell(results, d, system, '', '')}" for label, system, r in
-                       (("DIET", "diet", diet), ("SLM360", "slm360", slm)) if not _ok(r)]
+                # Every DIET that has a result file, so a capped run still training is named too.
+                sides = [] if _ok(diet) else [s for s in DIET_BASELINES if s == "diet" or (d, s) in results]
+                sides += [] if _ok(slm) else ["slm360"]
+                why = [f"{LABELS[s]} {cell(results, d, s, '', '')}" for s in sides]
                 unmeasured.append(f"{d} ({', '.join(why)})")
                 continue
             dm, sm = diet["metrics"], slm["metrics"]

@@ -537,6 +537,23 @@ def test_report_compares_with_the_batch_capped_diet_only_where_the_default_faile
     assert "| atis | failed (out of memory) | 6000.0 | 300.0 | 0.05 |" in md
 
 
+def test_report_names_a_capped_diet_still_training_where_the_default_failed(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
+    oom["oom_kill"] = "Out of memory: Killed process 15540 (python)"
+    capped = _fake_result("atis", "diet_batch128", 0, 0, 0, 0, 0, status="train_incomplete")
+    capped["train"] = {"chunks": [{"wall_s": 3963.3}, {"wall_s": 3856.4}], "incomplete": True}
+    capped["train_chunks"] = {"epochs": [15, 15, 15, 15, 15, 15, 10]}
+    for r in [oom, capped, _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0)]:
+        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
+    out = tmp_path / "RESULTS.md"
+    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
+    md = out.read_text()
+    assert "atis (DIET failed (out of memory), DIET batch<=128 training (2/7 chunks))" in md
+    assert "| atis | failed (out of memory) | training (2/7 chunks) | 0.9500 | - |" in md
+
+
 def test_paired_accuracy_needs_the_same_test_messages():
     diet = _fake_result("snips", "diet", 0.75, 10, 2, 500, 3)
     slm = _fake_result("snips", "slm360", 1.0, 10, 2, 500, 3)
