@@ -32,6 +32,9 @@ Systems (pipelines in benchmarks/configs/):
   diet_batch128    diet with DIETClassifier batch_size [64, 128] instead of [64, 256], only where
                    the default cannot train: on ATIS its CRF (317 BILOU tags) ran this 23.5 GiB
                    machine out of memory at batch 234; report.py compares against it only there
+  diet_io          diet with DIETClassifier BILOU_flag false (IO entity tags: 80 CRF tags on ATIS
+                   instead of 317), only where the default cannot train within a sitting: on ATIS
+                   diet_batch128 takes about 7 h for 100 epochs on 2 cores
 
 Datasets are folders of JSON Lines files (train.jsonl, test.jsonl, optionally oos_test.jsonl:
 out-of-scope messages, evaluated for OOS recall; CLINC150 trains on in-scope data only).
@@ -85,6 +88,7 @@ SYSTEMS = {
     "slm360": {"config": "slm360.yml", "label": "SLM360Classifier"},
     "featurizer_diet": {"config": "featurizer_diet.yml", "label": "SLM360Featurizer + DIET"},
     "diet_batch128": {"config": "diet_batch128.yml", "label": "DIET (rasa init default, batch size 64-128)"},
+    "diet_io": {"config": "diet_io.yml", "label": "DIET (rasa init default, IO entity tags instead of BILOU)"},
 }
 DEFAULT_SYSTEMS = ("diet", "slm360")
 RESULTS_DIR = HERE / "results" / "runs"
@@ -96,7 +100,7 @@ CLASSIFIER = "slm360_rasa.SLM360Classifier"
 FEATURIZER = "slm360_rasa.SLM360Featurizer"
 DIET = "DIETClassifier"
 DIET_DEFAULT_EPOCHS = 300  # DIETClassifier's own default, for a config that leaves `epochs` out
-CHUNKABLE = ("diet", "featurizer_diet", "diet_batch128")  # systems whose training --diet-chunk-epochs may split
+CHUNKABLE = ("diet", "featurizer_diet", "diet_batch128", "diet_io")  # systems whose training --diet-chunk-epochs may split
 CHUNK_STATE = "chunks.json"  # in a pair's work dir: the finished chunks of a chunked training
 
 WARMUP_MESSAGES = 10
@@ -1123,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not train: parse the test messages again with each pair's saved model (after a "
                          "change to the serving code); training figures are kept, the result lists the re-runs")
     ap.add_argument("--diet-chunk-epochs", type=int, default=None, metavar="N",
-                    help="train DIET (diet, diet_batch128, featurizer_diet) in runs of N epochs, each continuing "
+                    help="train DIET (diet, diet_batch128, diet_io, featurizer_diet) in runs of N epochs, each continuing "
                          "the last with rasa's --finetune; progress is kept after each run, so a pair that outlasts "
                          "a sitting resumes at its next chunk (default: one run)")
     ap.add_argument("--max-chunks", type=int, default=None, metavar="K",

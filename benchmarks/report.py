@@ -37,13 +37,18 @@ RESULTS_DIR = HERE / "results" / "runs"
 QUICK_RESULTS_DIR = HERE / "results" / "quick"
 DEFAULT_OUT = HERE / "results" / "RESULTS.md"
 DATASETS = ("snips", "atis", "banking77", "clinc150")
-SYSTEMS = ("diet", "diet_batch128", "slm360", "featurizer_diet")
+SYSTEMS = ("diet", "diet_batch128", "diet_io", "slm360", "featurizer_diet")
 ALWAYS_SHOWN = ("diet", "slm360")  # the others are optional: a column only once they have results
-LABELS = {"diet": "DIET", "diet_batch128": "DIET batch<=128", "slm360": "SLM360",
+LABELS = {"diet": "DIET", "diet_batch128": "DIET batch<=128", "diet_io": "DIET IO tags", "slm360": "SLM360",
           "featurizer_diet": "SLM360 feat. + DIET"}
 # The DIET that SLM360 is compared with: the default pipeline; where it could not train (it
-# ran out of memory on ATIS), the same pipeline with a smaller maximum batch, named as such.
-DIET_BASELINES = ("diet", "diet_batch128")
+# ran out of memory on ATIS), the first variant here with a result, each one key away from the
+# default and named as such wherever it is used.
+DIET_BASELINES = ("diet", "diet_batch128", "diet_io")
+DIET_VARIANT_CHANGE = {
+    "diet_batch128": "DIETClassifier `batch_size: [64, 128]` instead of `[64, 256]`",
+    "diet_io": "DIETClassifier `BILOU_flag: false` (IO entity tags) instead of BILOU tags",
+}
 ENTITY_DATASETS = ("snips", "atis")
 NOT_RUN = "not run"
 
@@ -101,9 +106,11 @@ def cell(results: Results, dataset: str, system: str, key: str, fmt: str, na: st
     if r is None:
         return NOT_RUN
     if r.get("status") == "train_incomplete":
-        done = len((r.get("train") or {}).get("chunks") or [])
+        # Chunk progress lives in the gitignored work dir, so a committed incomplete run is a
+        # measurement of how far it got and how long that took, not a promise to finish.
+        chunks = (r.get("train") or {}).get("chunks") or []
         total = len((r.get("train_chunks") or {}).get("epochs") or []) or "?"
-        return f"training ({done}/{total} chunks)"
+        return f"incomplete ({len(chunks)}/{total} chunks, {sum(c.get('wall_s') or 0 for c in chunks):,.0f} s)"
     if not _ok(r):
         return "failed (out of memory)" if r.get("oom_kill") else f"failed ({r.get('status')})"
     v = (r.get("metrics") or {}).get(key)
@@ -124,21 +131,42 @@ def _fmt(v, fmt: str, none: str = "-") -> str:
 
 
 def machine_line(results: Results, datasets: Sequence[str], systems: Sequence[str]) -> str:
-    """One line describing the machine(s) the given runs were measured on."""
-    runs = [r for (d, s), r in results.items() if d in datasets and s in systems and r.get("machine")]
+    """One line describing the machine(s) the given runs were measured on.
+
+    With several machines it says which datasets ran on each, and warns about every dataset
+    whose finished runs come from different machines: SLM360/DIET ratios are taken within a
+    dataset, so they are sound as long as each dataset's pair shares one machine.
+    """
+    keyed = [(d, r) for (d, s), r in results.items() if d in datasets and s in systems and r.get("machine")]
+    runs = [r for _, r in keyed]
     if not runs:
         return "_Machine: no runs._"
-    seen = {}
-    for r in runs:
+    seen: Dict[str, Dict[str, set]] = {}
+    ok_machines: Dict[str, set] = {}  # dataset -> machines of its finished runs
+    for d, r in keyed:
         m = r["machine"]
         desc = (f"{m.get('cpu')}, {m.get('cores_logical')} cores ({m.get('cores_usable')} usable), "
                 f"{m.get('ram_gb')} GiB RAM; Python {m.get('python')}, rasa {m.get('rasa')}, "
                 f"tensorflow {m.get('tensorflow')}, numba {m.get('numba')}")
-        seen.setdefault(desc, []).append(str(r.get("started") or m.get("date") or "")[:10])
-    parts = [f"{desc} (measured {', '.join(sorted(set(dates)))})" for desc, dates in seen.items()]
-    line = "_Machine: " + "; ".join(parts) + "._"
-    if len(seen) > 1:
-        line += " **Runs come from different machines: ratios between them are not meaningful.**"
+        entry = seen.setdefault(desc, {"dates": set(), "datasets": set()})
+        entry["dates"].add(str(r.get("started") or m.get("date") or "")[:10])
+        entry["datasets"].add(d)
+        if _ok(r):
+            ok_machines.setdefault(d, set()).add(desc)
+    if len(seen) == 1:
+        ((desc, entry),) = seen.items()
+        line = f"_Machine: {desc} (measured {', '.join(sorted(entry['dates']))})._"
+    else:
+        parts = [f"{', '.join(d for d in datasets if d in e['datasets'])} on {desc} (measured {', '.join(sorted(e['dates']))})"
+                 for desc, e in seen.items()]
+        line = "_Machines: " + "; ".join(parts) + "._"
+        mixed = [d for d in datasets if len(ok_machines.get(d, ())) > 1]
+        if mixed:
+            line += (f" **{', '.join(mixed)}: the systems ran on different machines, so their ratios are not "
+                     "meaningful.**")
+        else:
+            line += (" Each dataset's finished runs share one machine, so the ratios within a dataset hold; "
+                     "absolute figures of different datasets come from different machines.")
     loads = [max(r["loadavg"]["start"][0], r["loadavg"]["end"][0]) for r in runs if r.get("loadavg")]
     cores = max((r["machine"].get("cores_logical") or 1) for r in runs)
     if loads and max(loads) > cores:
@@ -152,7 +180,7 @@ def machine_line(results: Results, datasets: Sequence[str], systems: Sequence[st
 
 def diet_baseline(results: Results, dataset: str) -> str:
     """The DIET system SLM360 is compared with on `dataset`: "diet" (the default pipeline)
-    unless it has no ok result and "diet_batch128" has one."""
+    unless it has no ok result, else the first variant of DIET_BASELINES that has one."""
     for system in DIET_BASELINES:
         if _ok(results.get((dataset, system))):
             return system
@@ -395,12 +423,13 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
                    for r in results.values() if ((r.get("config") or {}).get("env"))})
     if envs:
         L += ["> Runs with environment overrides (`compare.py --env`): " + "; ".join(envs) + ".", ""]
-    substituted = [d for d in datasets if diet_baseline(results, d) != "diet"]
-    if substituted:
-        L += [f"> Where the default DIET could not train ({', '.join(substituted)}: see Failed runs), SLM360 is "
-              f"compared with **{LABELS['diet_batch128']}**, the same pipeline with DIETClassifier `batch_size: "
-              "[64, 128]` instead of `[64, 256]` (`benchmarks/configs/diet_batch128.yml`); the SLM360 - DIET and "
-              "SLM360/DIET columns and the targets use it there.", ""]
+    for variant, change in DIET_VARIANT_CHANGE.items():
+        substituted = [d for d in datasets if diet_baseline(results, d) == variant]
+        if substituted:
+            L += [f"> Where the default DIET could not train ({', '.join(substituted)}: see the targets and "
+                  f"Failed runs), SLM360 is compared with **{LABELS[variant]}**, the same pipeline with {change} "
+                  f"(`benchmarks/configs/{variant}.yml`); the SLM360 - DIET and SLM360/DIET columns and the "
+                  "targets use it there.", ""]
     L += ["## Targets", "", mline, ""] + target_lines(results, datasets) + [""]
 
     L += ["## Quality", "", mline, "",

@@ -147,6 +147,14 @@ def test_the_batch_capped_diet_differs_from_the_default_in_batch_size_only():
     assert "diet_batch128" in C.SYSTEMS and "diet_batch128" in C.CHUNKABLE
 
 
+def test_the_io_tagging_diet_differs_from_the_default_in_the_tagging_scheme_only():
+    default, io = _pipeline(BENCH / "configs" / "diet.yml"), _pipeline(BENCH / "configs" / "diet_io.yml")
+    diet = next(c for c in io if c["name"] == "DIETClassifier")
+    assert diet.pop("BILOU_flag") is False
+    assert io == default
+    assert "diet_io" in C.SYSTEMS and "diet_io" in C.CHUNKABLE
+
+
 def test_slm360_pipelines_have_the_agreed_components():
     names = [c["name"] for c in _pipeline(BENCH / "configs" / "slm360.yml")]
     assert names == ["WhitespaceTokenizer", C.CLASSIFIER, "EntitySynonymMapper", "FallbackClassifier"]
@@ -527,7 +535,9 @@ def test_report_compares_with_the_batch_capped_diet_only_where_the_default_faile
     out = tmp_path / "RESULTS.md"
     assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
     md = out.read_text()
-    assert "> Where the default DIET could not train (atis: see Failed runs)" in md
+    assert "> Where the default DIET could not train (atis: see the targets and Failed runs)" in md
+    assert "**DIET batch<=128**, the same pipeline with DIETClassifier `batch_size: [64, 128]`" in md
+    assert "DIET IO tags" not in md
     # ATIS against the capped DIET, saying why; SNIPS against the default although the capped one ran too.
     assert ("met on snips (SLM360 0.9800 vs DIET 0.9600; +0.00 pts" in md
             and "atis (against DIET batch<=128, the default DIET failed (out of memory): SLM360 0.9500 vs DIET 0.9000"
@@ -550,8 +560,53 @@ def test_report_names_a_capped_diet_still_training_where_the_default_failed(tmp_
     out = tmp_path / "RESULTS.md"
     assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
     md = out.read_text()
-    assert "atis (DIET failed (out of memory), DIET batch<=128 training (2/7 chunks))" in md
-    assert "| atis | failed (out of memory) | training (2/7 chunks) | 0.9500 | - |" in md
+    assert "atis (DIET failed (out of memory), DIET batch<=128 incomplete (2/7 chunks, 7,820 s))" in md
+    assert "| atis | failed (out of memory) | incomplete (2/7 chunks, 7,820 s) | 0.9500 | - |" in md
+
+
+def test_report_compares_with_the_first_diet_variant_that_finished_and_names_its_change(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
+    oom["oom_kill"] = "Out of memory: Killed process 15540 (python)"
+    capped = _fake_result("atis", "diet_batch128", 0, 0, 0, 0, 0, status="train_incomplete")
+    capped["train"] = {"chunks": [{"wall_s": 3963.3}, {"wall_s": 3856.4}], "incomplete": True}
+    capped["train_chunks"] = {"epochs": [15, 15, 15, 15, 15, 15, 10]}
+    slow = _fake_result("snips", "diet", 0, 0, 0, 0, 0, status="train_incomplete")
+    slow["train"] = {"chunks": [{"wall_s": 900.0}], "incomplete": True}
+    slow["train_chunks"] = {"epochs": [5] * 20}
+    for r in [oom, capped, slow, _fake_result("atis", "diet_io", 0.91, 2000, 20.0, 900, 40.0),
+              _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
+              _fake_result("snips", "diet_io", 0.97, 5000, 15.0, 900, 40.0),
+              _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)]:
+        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
+    out = tmp_path / "RESULTS.md"
+    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
+    md = out.read_text()
+    assert ("> Where the default DIET could not train (snips, atis: see the targets and Failed runs), SLM360 is "
+            "compared with **DIET IO tags**, the same pipeline with DIETClassifier `BILOU_flag: false`") in md
+    assert "batch_size: [64, 128]` instead" not in md  # the capped DIET never finished: not a baseline
+    assert "atis (against DIET IO tags, the default DIET failed (out of memory): SLM360 0.9500 vs DIET 0.9100" in md
+    assert "snips (against DIET IO tags, the default DIET incomplete (1/20 chunks, 900 s): SLM360 0.9800 vs DIET 0.9700" in md
+    assert "| atis | failed (out of memory) | incomplete (2/7 chunks, 7,820 s) | 0.9100 | 0.9500 | +0.0400 |" in md
+
+
+def test_machine_line_warns_only_about_a_dataset_whose_pair_ran_on_two_machines():
+    runs = {(d, s): _fake_result(d, s, 0.9, 100, 3.0, 700, 5.0) for d in ("atis", "banking77") for s in ("diet", "slm360")}
+    for s in ("diet", "slm360"):
+        runs[("atis", s)]["machine"]["cpu"] = "Other CPU"
+    failed = _fake_result("banking77", "diet_io", 0, 0, 0, 0, 0, status="train_failed")
+    failed["machine"]["cpu"] = "Third CPU"  # a failed run gives no ratio: listed, never a reason to warn
+    runs[("banking77", "diet_io")] = failed
+    line = R.machine_line(runs, ["atis", "banking77"], ["diet", "diet_io", "slm360"])
+    assert line.startswith("_Machines: ")
+    assert all(f"{part}, 2 cores" in line for part in ("banking77 on Test CPU", "atis on Other CPU", "banking77 on Third CPU"))
+    assert "Each dataset's finished runs share one machine, so the ratios within a dataset hold" in line
+    assert "not meaningful" not in line
+    runs[("banking77", "slm360")]["machine"]["cpu"] = "Other CPU"
+    line = R.machine_line(runs, ["atis", "banking77"], ["diet", "diet_io", "slm360"])
+    assert "**banking77: the systems ran on different machines, so their ratios are not meaningful.**" in line
+    assert R.machine_line(runs, ["atis"], ["diet", "slm360"]).startswith("_Machine: Other CPU, 2 cores")
 
 
 def test_paired_accuracy_needs_the_same_test_messages():
@@ -731,7 +786,7 @@ def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monk
     saved = json.loads(out.read_text())
     assert saved["status"] == "train_incomplete" and len(saved["train"]["chunks"]) == 1
     assert saved["error"] == "interrupted during chunk 2/3; 1 chunk(s) saved: run the same command again to continue"
-    assert R.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f") == "training (1/3 chunks)"
+    assert R.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f") == "incomplete (1/3 chunks, 5 s)"
 
 
 def test_saved_results_name_no_directory_of_this_machine():
