@@ -520,21 +520,37 @@ def test_report_marks_missing_runs_and_missed_targets(tmp_path):
     assert "- snips / DIET: not recorded whether other processes shared the machine" in md
 
 
-def test_report_compares_with_the_batch_capped_diet_only_where_the_default_failed(tmp_path):
+def _report_of(tmp_path, results) -> str:
+    """RESULTS.md (no plots) of `results`, each saved as compare.py saves a run."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
-    oom["error"] = "rasa train nlu failed (killed by SIGKILL ...: out of memory, the kernel says: ...)"
-    oom["oom_kill"] = "Out of memory: Killed process 15540 (python) total-vm:29714332kB"
-    for r in [oom, _fake_result("atis", "diet_batch128", 0.90, 6000, 20.0, 900, 40.0),
-              _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
-              _fake_result("snips", "diet", 0.96, 3000, 15.0, 900, 40.0),
-              _fake_result("snips", "diet_batch128", 0.99, 3000, 15.0, 900, 40.0),
-              _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)]:
+    for r in results:
         (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
     out = tmp_path / "RESULTS.md"
     assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
-    md = out.read_text()
+    return out.read_text()
+
+
+def _atis_default_oom():
+    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
+    oom["error"] = "rasa train nlu failed (killed by SIGKILL ...: out of memory, the kernel says: ...)"
+    oom["oom_kill"] = "Out of memory: Killed process 15540 (python) total-vm:29714332kB"
+    return oom
+
+
+def _incomplete(dataset, system, chunk_walls, plan):
+    r = _fake_result(dataset, system, 0, 0, 0, 0, 0, status="train_incomplete")
+    r["train"] = {"chunks": [{"wall_s": w} for w in chunk_walls], "incomplete": True}
+    r["train_chunks"] = {"epochs": plan}
+    return r
+
+
+def test_report_compares_with_the_batch_capped_diet_only_where_the_default_failed(tmp_path):
+    md = _report_of(tmp_path, [_atis_default_oom(), _fake_result("atis", "diet_batch128", 0.90, 6000, 20.0, 900, 40.0),
+                               _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
+                               _fake_result("snips", "diet", 0.96, 3000, 15.0, 900, 40.0),
+                               _fake_result("snips", "diet_batch128", 0.99, 3000, 15.0, 900, 40.0),
+                               _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)])
     assert "> Where the default DIET could not train (atis: see the targets and Failed runs)" in md
     assert "**DIET batch<=128**, the same pipeline with DIETClassifier `batch_size: [64, 128]`" in md
     assert "DIET IO tags" not in md
@@ -548,41 +564,19 @@ def test_report_compares_with_the_batch_capped_diet_only_where_the_default_faile
 
 
 def test_report_names_a_capped_diet_still_training_where_the_default_failed(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
-    oom["oom_kill"] = "Out of memory: Killed process 15540 (python)"
-    capped = _fake_result("atis", "diet_batch128", 0, 0, 0, 0, 0, status="train_incomplete")
-    capped["train"] = {"chunks": [{"wall_s": 3963.3}, {"wall_s": 3856.4}], "incomplete": True}
-    capped["train_chunks"] = {"epochs": [15, 15, 15, 15, 15, 15, 10]}
-    for r in [oom, capped, _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0)]:
-        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
-    out = tmp_path / "RESULTS.md"
-    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
-    md = out.read_text()
+    md = _report_of(tmp_path, [_atis_default_oom(), _incomplete("atis", "diet_batch128", [3963.3, 3856.4], [15] * 6 + [10]),
+                               _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0)])
     assert "atis (DIET failed (out of memory), DIET batch<=128 incomplete (2/7 chunks, 7,820 s))" in md
     assert "| atis | failed (out of memory) | incomplete (2/7 chunks, 7,820 s) | 0.9500 | - |" in md
 
 
 def test_report_compares_with_the_first_diet_variant_that_finished_and_names_its_change(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    oom = _fake_result("atis", "diet", 0, 0, 0, 0, 0, status="train_failed")
-    oom["oom_kill"] = "Out of memory: Killed process 15540 (python)"
-    capped = _fake_result("atis", "diet_batch128", 0, 0, 0, 0, 0, status="train_incomplete")
-    capped["train"] = {"chunks": [{"wall_s": 3963.3}, {"wall_s": 3856.4}], "incomplete": True}
-    capped["train_chunks"] = {"epochs": [15, 15, 15, 15, 15, 15, 10]}
-    slow = _fake_result("snips", "diet", 0, 0, 0, 0, 0, status="train_incomplete")
-    slow["train"] = {"chunks": [{"wall_s": 900.0}], "incomplete": True}
-    slow["train_chunks"] = {"epochs": [5] * 20}
-    for r in [oom, capped, slow, _fake_result("atis", "diet_io", 0.91, 2000, 20.0, 900, 40.0),
-              _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
-              _fake_result("snips", "diet_io", 0.97, 5000, 15.0, 900, 40.0),
-              _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)]:
-        (runs / f"{r['dataset']}__{r['system']}.json").write_text(json.dumps(r))
-    out = tmp_path / "RESULTS.md"
-    assert R.main(["--results-dir", str(runs), "--out", str(out), "--no-plots"]) == 0
-    md = out.read_text()
+    md = _report_of(tmp_path, [_atis_default_oom(), _incomplete("atis", "diet_batch128", [3963.3, 3856.4], [15] * 6 + [10]),
+                               _incomplete("snips", "diet", [900.0], [5] * 20),
+                               _fake_result("atis", "diet_io", 0.91, 2000, 20.0, 900, 40.0),
+                               _fake_result("atis", "slm360", 0.95, 300, 3.0, 700, 5.0),
+                               _fake_result("snips", "diet_io", 0.97, 5000, 15.0, 900, 40.0),
+                               _fake_result("snips", "slm360", 0.98, 300, 3.0, 700, 5.0)])
     assert ("> Where the default DIET could not train (snips, atis: see the targets and Failed runs), SLM360 is "
             "compared with **DIET IO tags**, the same pipeline with DIETClassifier `BILOU_flag: false`") in md
     assert "batch_size: [64, 128]` instead" not in md  # the capped DIET never finished: not a baseline
