@@ -20,8 +20,10 @@ continuing the previous one through Rasa's own `--finetune` (weights and vocabul
 over; the optimizer's moment estimates restart once per chunk, and so does DIET's batch-size
 ramp, which spans each run's own epochs: the default's 64 to 256 repeats within every chunk,
 the same mean batch size as one 100-epoch run); progress is saved after each chunk, and a
-pair interrupted mid-training resumes at its next chunk. The result lists each
-chunk; its training time is the sum of the chunks' (Rasa's start-up included in each).
+pair interrupted mid-training resumes at its next chunk. Progress and chunk models live in the
+work dir (runs/compare/, gitignored), so resuming needs the same checkout: a fresh one starts
+the pair over. The result lists each chunk; its training time is the sum of the chunks'
+(Rasa's start-up included in each).
 
 Systems (pipelines in benchmarks/configs/):
   diet             the `rasa init` default pipeline (../shared/baselines/diet_default.yml)
@@ -1128,8 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "change to the serving code); training figures are kept, the result lists the re-runs")
     ap.add_argument("--diet-chunk-epochs", type=int, default=None, metavar="N",
                     help="train DIET (diet, diet_batch128, diet_io, featurizer_diet) in runs of N epochs, each continuing "
-                         "the last with rasa's --finetune; progress is kept after each run, so a pair that outlasts "
-                         "a sitting resumes at its next chunk (default: one run)")
+                         "the last with rasa's --finetune; progress is kept after each run in the work dir, so a "
+                         "pair that outlasts a sitting resumes at its next chunk as long as that dir survives "
+                         "(runs/compare/ is gitignored: a fresh checkout starts over) (default: one run)")
     ap.add_argument("--max-chunks", type=int, default=None, metavar="K",
                     help="with --diet-chunk-epochs: train at most K chunks in this invocation, then stop (the "
                          "pair is saved as train_incomplete and resumes next time), e.g. to keep the machine "
