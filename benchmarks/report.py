@@ -508,7 +508,8 @@ def _rel(path: Path, start: Path) -> str:
 
 
 def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
-    """Write the PNG plots; returns {title: path}. Missing runs are labelled 'not run'."""
+    """Write the PNG plots; returns {title: path}. A system gets a colour once it has a finished
+    run; a missing or unfinished run of it is labelled with its short status."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -517,7 +518,8 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
-    systems = [s for s in SYSTEMS if s in ALWAYS_SHOWN or any(k[1] == s for k in results)]
+    systems = ([s for s in SYSTEMS if any(_ok(r) for (_, rs), r in results.items() if rs == s)]
+               or list(ALWAYS_SHOWN))
     out: Dict[str, Path] = {}
 
     def bars(ax, key, ylabel, log=False):
@@ -528,7 +530,7 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
                 v = metric(results, d, s, key)
                 pos = x[j] - 0.4 + w * (i + 0.5)
                 if v is None:
-                    ax.text(pos, 0.02, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=7,
+                    ax.text(pos, 0.02, plot_status(results, d, s), rotation=90, ha="center", va="bottom", fontsize=7,
                             transform=ax.get_xaxis_transform(), color="grey")
                 else:
                     ax.bar(pos, v, w, color=f"C{i}", label=LABELS[s])
@@ -540,7 +542,7 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         if uniq:
-            ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+            ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     bars(ax, "accuracy", "intent accuracy")
@@ -560,7 +562,7 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
                 pos.append(p)
                 colors.append(f"C{i}")
             else:
-                ax.text(p, 0.02, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize=7,
+                ax.text(p, 0.02, plot_status(results, d, s), rotation=90, ha="center", va="bottom", fontsize=7,
                         transform=ax.get_xaxis_transform(), color="grey")
         ticks.append(j * (len(systems) + 1) + (len(systems) - 1) / 2)
     if data:
@@ -575,7 +577,7 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
     ax.set_title("Agent.parse_message latency (box: quartiles, whiskers: P1-P99)")
     for i, s in enumerate(systems):
         ax.plot([], [], color=f"C{i}", lw=8, label=LABELS[s])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out["Parse latency"] = _save(fig, plots_dir / "latency.png")
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -615,9 +617,19 @@ def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
     return out
 
 
+def plot_status(results: Results, dataset: str, system: str) -> str:
+    """Why a plot has no value for a run, in a word or two: the table cells say more."""
+    r = results.get((dataset, system))
+    if r is None:
+        return NOT_RUN
+    if r.get("status") == "train_incomplete":
+        return "incomplete"
+    return "out of memory" if r.get("oom_kill") else "failed"
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps legends placed outside the axes
     import matplotlib.pyplot as plt
 
     plt.close(fig)

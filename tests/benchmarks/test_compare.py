@@ -628,6 +628,13 @@ def test_report_plots(tmp_path):
     assert "![Parse latency](plots/latency.png)" in (runs / "RESULTS.md").read_text()
 
 
+def test_plots_label_a_missing_value_with_the_runs_status():
+    results = {("atis", "diet"): _atis_default_oom(), ("atis", "diet_batch128"): _incomplete("atis", "diet_batch128", [1.0], [1, 1]),
+               ("atis", "diet_io"): _fake_result("atis", "diet_io", 0, 0, 0, 0, 0, status="eval_failed")}
+    assert [R.plot_status(results, "atis", s) for s in ("diet", "diet_batch128", "diet_io", "slm360")] == [
+        "out of memory", "incomplete", "failed", "not run"]
+
+
 def test_report_without_results_folder_says_so(tmp_path, capsys):
     assert R.main(["--results-dir", str(tmp_path / "none"), "--no-plots"]) == 2
     assert "run benchmarks/compare.py first" in capsys.readouterr().err
