@@ -82,7 +82,8 @@ sys.path.insert(0, str(HERE))
 import _metrics as M  # noqa: E402  (sibling module; benchmarks/ is not a package)
 
 SCHEMA = "slm360-compare/1"
-DEFAULT_DATA_DIR = ROOT.parent / "shared" / "datasets"
+SHARED = ROOT.parent / "shared"  # seeds, datasets and corpus, beside the repository
+DEFAULT_DATA_DIR = SHARED / "datasets"
 DEFAULT_DATASETS = ("snips", "atis", "banking77", "clinc150")
 CONFIG_DIR = HERE / "configs"
 SYSTEMS = {
@@ -816,18 +817,24 @@ def summarize(ds: Dataset, raw: dict) -> Tuple[dict, dict, Optional[dict], list]
 
 
 def _portable(value):
-    """The value with absolute paths inside the workspace (the repository and the ../shared
+    """The value with absolute paths inside the workspace (the repository, and the ../shared data
     beside it) rewritten relative to the repository root, so committed results name no
-    directory of the machine that produced them. Resume matches on hashes, not paths."""
+    directory of the machine that produced them. Only those two trees: a checkout in /tmp must
+    not turn every other /tmp path relative. Resume matches on hashes, not paths."""
     if isinstance(value, dict):
         return {k: _portable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_portable(v) for v in value]
-    if isinstance(value, str) and os.path.isabs(value) and value.startswith(str(ROOT.parent) + os.sep):
-        return os.path.relpath(value, ROOT)
-    if isinstance(value, str):  # paths inside free text (error messages, log tails), where a path starts
-        value = re.sub(r"(?<![\w./-])" + re.escape(str(ROOT) + os.sep), "", value)
-        return re.sub(r"(?<![\w./-])" + re.escape(str(ROOT.parent) + os.sep), ".." + os.sep, value)
+    if not isinstance(value, str):
+        return value
+    trees = ((str(ROOT), ""), (str(SHARED), os.path.join("..", SHARED.name)))
+    if os.path.isabs(value):
+        for tree, _ in trees:
+            if value.startswith(tree + os.sep):
+                return os.path.relpath(value, ROOT)
+        return value
+    for tree, rel in trees:  # paths inside free text (error messages, log tails), where a path starts
+        value = re.sub(r"(?<![\w./-])" + re.escape(tree + os.sep), (rel + os.sep) if rel else "", value)
     return value
 
 

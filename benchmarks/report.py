@@ -41,9 +41,9 @@ SYSTEMS = ("diet", "diet_batch128", "diet_io", "slm360", "featurizer_diet")
 ALWAYS_SHOWN = ("diet", "slm360")  # the others are optional: a column only once they have results
 LABELS = {"diet": "DIET", "diet_batch128": "DIET batch<=128", "diet_io": "DIET IO tags", "slm360": "SLM360",
           "featurizer_diet": "SLM360 feat. + DIET"}
-# The DIET that SLM360 is compared with: the default pipeline; where it could not train (it
-# ran out of memory on ATIS), the first variant here with a result, each one key away from the
-# default and named as such wherever it is used.
+# The DIET that SLM360 is compared with: the default pipeline; where it could not train (out of
+# memory on ATIS, longer than a sitting on SNIPS), the first variant here with a result, each
+# one key away from the default and named as such wherever it is used.
 DIET_VARIANT_CHANGE = {
     "diet_batch128": "DIETClassifier `batch_size: [64, 128]` instead of `[64, 256]`",
     "diet_io": "DIETClassifier `BILOU_flag: false` (IO entity tags) instead of BILOU tags",

@@ -803,6 +803,15 @@ def test_saved_results_name_no_directory_of_this_machine():
                                   "tmp": f"see /tmp/x{C.ROOT.parent}/y and /tmp{root}/z"}
 
 
+def test_a_checkout_in_tmp_leaves_other_tmp_paths_absolute(monkeypatch):
+    monkeypatch.setattr(C, "ROOT", Path("/tmp/ci"))
+    monkeypatch.setattr(C, "SHARED", Path("/tmp/shared"))
+    assert C._portable({"ckpt": "/tmp/pytest-of-x/small.safetensors", "log": "/tmp/ci/runs/a.log",
+                        "data": "/tmp/shared/datasets/atis", "text": "read /tmp/other/x and /tmp/shared/y"}) == {
+        "ckpt": "/tmp/pytest-of-x/small.safetensors", "log": "runs/a.log", "data": "../shared/datasets/atis",
+        "text": "read /tmp/other/x and ../shared/y"}
+
+
 def test_chunk_plan_splits_diet_epochs_only():
     cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 100}]}
     assert C._chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
