@@ -139,20 +139,15 @@ def test_diet_config_is_the_baseline_pipeline():
     assert _pipeline(BENCH / "configs" / "diet.yml") == _pipeline(BASELINE_DIET)
 
 
-def test_the_batch_capped_diet_differs_from_the_default_in_batch_size_only():
-    default, capped = _pipeline(BENCH / "configs" / "diet.yml"), _pipeline(BENCH / "configs" / "diet_batch128.yml")
-    diet = next(c for c in capped if c["name"] == "DIETClassifier")
-    assert diet.pop("batch_size") == [64, 128]
-    assert capped == default
-    assert "diet_batch128" in C.SYSTEMS and "diet_batch128" in C.CHUNKABLE
-
-
-def test_the_io_tagging_diet_differs_from_the_default_in_the_tagging_scheme_only():
-    default, io = _pipeline(BENCH / "configs" / "diet.yml"), _pipeline(BENCH / "configs" / "diet_io.yml")
-    diet = next(c for c in io if c["name"] == "DIETClassifier")
-    assert diet.pop("BILOU_flag") is False
-    assert io == default
-    assert "diet_io" in C.SYSTEMS and "diet_io" in C.CHUNKABLE
+@pytest.mark.parametrize("system, key, value", [("diet_batch128", "batch_size", [64, 128]),
+                                                 ("diet_io", "BILOU_flag", False)])
+def test_each_diet_variant_differs_from_the_default_in_one_key_only(system, key, value):
+    default, variant = _pipeline(BENCH / "configs" / "diet.yml"), _pipeline(BENCH / "configs" / f"{system}.yml")
+    diet = next(c for c in variant if c["name"] == "DIETClassifier")
+    popped = diet.pop(key)
+    assert popped == value and type(popped) is type(value)  # `BILOU_flag: 0` would not be `false`
+    assert variant == default
+    assert system in C.SYSTEMS and system in C.CHUNKABLE and system in R.DIET_VARIANT_CHANGE
 
 
 def test_slm360_pipelines_have_the_agreed_components():
