@@ -26,13 +26,12 @@ from rasa.shared.nlu.constants import ENTITIES, INTENT, INTENT_RANKING_KEY, PRED
 from rasa.shared.nlu.training_data.message import Message
 from rasa.shared.nlu.training_data.training_data import TrainingData
 
-logger = logging.getLogger("slm360_rasa")
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "slm360_classifier.safetensors"
 # Overrides max_forgetting for one `rasa train --finetune` run (config changes block finetuning).
 MAX_FORGETTING_ENV = "SLM360_MAX_FORGETTING"
 FASTPATH_FILE = "fastpath.json"
-PRECISIONS = ("int4", "f32")
 
 
 @DefaultV1Recipe.register(
@@ -48,136 +47,31 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
 
     @staticmethod
     def get_default_config() -> Dict[Text, Any]:
-        """Defaults; every key can be set in config.yml."""
-        return {
-            # Passes over the training data. `rasa train --finetune --epoch-fraction` scales it.
-            "epochs": 10,
-            # AdamW peak learning rate of the encoder (warmup, then cosine decay to 0).
-            "learning_rate": 3e-4,
-            # The heads learn this many times faster than the pretrained encoder.
-            "head_lr_multiplier": 10.0,
-            # Examples per optimisation step (batches are bucketed by length).
-            "batch_size": 32,
-            # Seed of initialisation and shuffling: same data + seed = bit-identical weights.
-            "random_seed": 42,
-            # Inference weights: "int4" (4-bit, 3.6 MB, the fast default) or "f32".
-            "precision": "int4",
-            # Number of lowest encoder blocks (of 6) kept frozen while fine-tuning.
-            "freeze_layers": 0,
-            # Tokens per message; longer messages are truncated with a logged warning.
-            "max_length": 128,
-            # Learn and predict entities (BILOU tags over the encoder's tokens).
-            "entity_recognition": True,
-            # Learn and predict intents.
-            "intent_classification": True,
-            # Intents listed in `intent_ranking`; 0 lists all of them.
-            "ranking_length": 10,
-            # AdamW decoupled weight decay.
-            "weight_decay": 0.01,
-            # Fraction of the steps spent warming the learning rate up.
-            "warmup_ratio": 0.1,
-            # Label smoothing of the intent loss (0 = none).
-            "label_smoothing": 0.0,
-            # Weight of the entity loss relative to the intent loss.
-            "entity_loss_weight": 1.0,
-            # Pretrained encoder checkpoint to start from; null = the one shipped in the package.
-            "checkpoint": None,
-            # Share of the examples held out (stratified; never an intent's last two) and not trained
-            # on: the softmax temperature is fitted on them, so confidences track accuracy, and
-            # `--finetune` checks on them that an update does not forget. 0 turns both off.
-            "holdout_fraction": 0.1,
-            # At most this many examples are held out.
-            "holdout_max": 500,
-            # Out-of-scope handling: a "none of these" logit set at this quantile of the held-out
-            # examples' logit energy, so messages unlike every intent get low confidence and
-            # FallbackClassifier catches them (0.01: one held-out example in 100 would have its
-            # confidence halved). null = plain temperature scaling, confidences sum to 1.
-            "oos_quantile": 0.01,
-            # Training examples stored in the model and replayed by `rasa train --finetune`.
-            "replay_size": 1000,
-            # Replayed examples per epoch of `--finetune`, as a share of the new training
-            # examples (a fresh sample of the buffer each epoch); null = the whole buffer
-            # every epoch. Smaller values learn the new data more, with EWC keeping the old.
-            "replay_ratio": None,
-            # EWC strength of `--finetune`: lambda/2 * sum F (w - w_old)^2 with F the Fisher
-            # diagonal stored in the model, normalised to mean 1; 0 turns it off (and skips
-            # computing F). Chosen on held-out data (benchmarks/continual.py); >= 0.01 freezes.
-            "ewc_lambda": 3e-4,
-            # `--finetune` keeps the previous model when accuracy on its held-out examples drops
-            # by more than this (0.02 = 2 points); null turns the guard off. Rasa refuses a
-            # finetune whose config differs in anything but epochs, so for one run override it
-            # with the environment variable SLM360_MAX_FORGETTING=<number> or =off instead.
-            "max_forgetting": 0.02,
-            # "hybrid": training examples (up to case and punctuation) are answered from a table
-            # without the encoder, intent-identifying regexes/lookup tables vote with the encoder;
-            # "semantic": the encoder only; "pattern": patterns only (no intent when none matches).
-            "mode": "hybrid",
-        }
+        """Defaults; every key can be set in config.yml. Each key is declared once, with its
+        default, its check and a comment saying what it does, in slm360_rasa/config.py
+        (`ServingConfig` and `FinetuneConfig`)."""
+        from ..config import classifier_defaults
+
+        return classifier_defaults()
 
     def __init__(self, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
                  execution_context: ExecutionContext, model=None) -> None:
         """Use `create` or `load`; `model` is a trained `IntentEntityModel` or None."""
+        from ..config import from_component_config
+
         self.component_config = config
         self._model_storage = model_storage
         self._resource = resource
         self._execution_context = execution_context
         self._model = model
-        self._validate_config()
-
-    def _validate_config(self) -> None:
-        cfg = self.component_config
-        if cfg["precision"] not in PRECISIONS:
-            raise ValueError(f"SLM360Classifier: precision must be one of {PRECISIONS}, got {cfg['precision']!r}")
-        rl = cfg["ranking_length"]
-        if isinstance(rl, bool) or not isinstance(rl, int) or rl < 0:
-            raise ValueError(f"SLM360Classifier: ranking_length must be an integer >= 0, got {rl!r}")
-        ml = cfg["max_length"]
-        if isinstance(ml, bool) or not isinstance(ml, int) or not 3 <= ml <= 512:
-            raise ValueError(f"SLM360Classifier: max_length must be an integer in [3, 512], got {ml!r}")
-        self._finetune_config()  # validates the training keys with messages naming them
-        self._fastpath_config()
-
-    def _finetune_config(self):
-        from ..train.finetune import FinetuneConfig
-
-        cfg = self.component_config
-
-        def number(key, kind=float, optional=False):
-            # YAML hands over strings ("1e-3" without a dot is a str) and booleans; convert here
-            # so that a bad value is reported under its own key.
-            v = cfg[key]
-            if v is None and optional:
-                return None
-            if not isinstance(v, bool):
-                try:
-                    return kind(v)
-                except (TypeError, ValueError):
-                    pass
-            raise ValueError(f"{key} must be a number{' or null' if optional else ''}, got {v!r}")
-
-        try:
-            return FinetuneConfig(
-                epochs=number("epochs", int), batch_size=cfg["batch_size"], learning_rate=number("learning_rate"),
-                head_lr_multiplier=number("head_lr_multiplier"), weight_decay=number("weight_decay"),
-                warmup_ratio=number("warmup_ratio"), freeze_layers=cfg["freeze_layers"],
-                max_length=cfg["max_length"], random_seed=number("random_seed", int),
-                entity_loss_weight=number("entity_loss_weight"), label_smoothing=number("label_smoothing"),
-                intent_classification=bool(cfg["intent_classification"]),
-                entity_recognition=bool(cfg["entity_recognition"]),
-                holdout_fraction=number("holdout_fraction"), holdout_max=cfg["holdout_max"],
-                oos_quantile=number("oos_quantile", optional=True),
-                replay_size=cfg["replay_size"], ewc_lambda=number("ewc_lambda"),
-                replay_ratio=number("replay_ratio", optional=True),
-                max_forgetting=number("max_forgetting", optional=True),
-            )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
+        # Validated here, at graph construction, so a bad key fails before any training.
+        self._serving, self._training = from_component_config(config)
 
     def _fastpath_config(self):
         from ..fastpath import FastPathConfig
 
         try:
-            return FastPathConfig(mode=self.component_config["mode"])
+            return FastPathConfig(mode=self._serving.mode)
         except (TypeError, ValueError) as e:
             raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
 
@@ -207,8 +101,6 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         `train.continual.ContinualLearner` (replay + EWC + validation guard); a refused
         update persists the previous weights unchanged and raises a warning.
         """
-        from ..train.finetune import IntentEntityModel
-
         examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
         if not examples:
             logger.warning("SLM360Classifier: no intent examples in the training data; nothing to train.")
@@ -216,7 +108,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         texts = [m.get(TEXT) for m in examples]
         intents = [m.get(INTENT) for m in examples]
         entities = [[e for e in (m.get(ENTITIES) or []) if "start" in e and "end" in e] for m in examples]
-        cfg = self._finetune_config()
+        cfg = self._training
         refused = False
         if self._execution_context.is_finetuning and self._model is not None:
             # `rasa train --finetune`: continue from the previous model (its INT4 weights,
@@ -247,10 +139,10 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
                     f"{MAX_FORGETTING_ENV}=off (changing max_forgetting in config.yml makes Rasa refuse to "
                     f"finetune), or retrain from scratch with `rasa train`.")
         else:
-            self._model = IntentEntityModel.from_pretrained(cfg, checkpoint=self.component_config["checkpoint"],
-                                                            precision=self.component_config["precision"],
-                                                            max_length=self.component_config["max_length"])
-            self._model.fit(texts, intents, entities, progress=True)
+            from ..train.finetune import finetune
+
+            self._model = finetune(texts, intents, entities, cfg, checkpoint=self._serving.checkpoint,
+                                   precision=self._serving.precision)
         if not refused:  # a refused update keeps the previous fast path (restored by `load`) too
             self._fastpath = self._build_fastpath(training_data)
         self.persist()
@@ -275,7 +167,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
 
         A resource that exists but holds a corrupt or foreign file raises an error naming it.
         """
-        from ..train.finetune import IntentEntityModel
+        from ..model import IntentEntityModel
 
         try:
             reader = model_storage.read_from(resource)
@@ -289,7 +181,9 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"SLM360Classifier: model file missing from the trained model: {path}. "
                                         "Retrain the model with `rasa train`.")
-            model = IntentEntityModel.load(path)
+            # `rasa train --finetune` needs the training state (master weights, replay buffer,
+            # Fisher); serving reads only the INT4 codes, heads and patterns.
+            model = IntentEntityModel.load(path, training=execution_context.is_finetuning)
             fastpath = _load_fastpath(model_dir / FASTPATH_FILE)
         finally:
             reader.__exit__(None, None, None)
@@ -319,17 +213,17 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
 
         if self._model is None or not messages:
             return messages
-        cfg = self.component_config
-        mode = cfg["mode"]
+        cfg = self._training
+        mode = self._serving.mode
         texts = [_safe_text(m.get(TEXT)) for m in messages]
         use_patterns = mode != "semantic" and self._fastpath is not None
         hits = [self._fastpath.match(t) if use_patterns else None for t in texts]
-        wants_entities = bool(cfg["entity_recognition"] and self._model.entity_types)
+        wants_entities = bool(cfg.entity_recognition and self._model.entity_types)
         todo = [i for i, h in enumerate(hits) if needs_encoder(h, mode, wants_entities)]
         preds = dict(zip(todo, self._model.predict([texts[i] for i in todo]))) if todo else {}
         for i, message in enumerate(messages):
             pred, hit = preds.get(i), hits[i]
-            if cfg["intent_classification"] and self._model.intents:
+            if cfg.intent_classification and self._model.intents:
                 probs = arbitrate(hit, pred.intent_probs if pred is not None else None, self._model.intents, mode)
                 if probs is None:
                     # Nothing to read (empty or all-control-character text) or, in pattern mode,
@@ -354,7 +248,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
 
         order = np.argsort(-probs, kind="stable")
         names = self._model.intents
-        k = self.component_config["ranking_length"] or len(order)
+        k = self._serving.ranking_length or len(order)
         ranking = [{"name": names[i], PREDICTED_CONFIDENCE_KEY: float(probs[i])} for i in order[:k]]
         message.set(INTENT, dict(ranking[0]), add_to_output=True)
         message.set(INTENT_RANKING_KEY, ranking, add_to_output=True)

@@ -21,7 +21,6 @@ working directory). The encoder itself is loaded once per component, on first us
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -42,12 +41,12 @@ from rasa.shared.nlu.constants import ACTION_TEXT, TEXT
 from rasa.shared.nlu.training_data.message import Message
 from rasa.shared.nlu.training_data.training_data import TrainingData
 
+from ..fileio import file_sha256
+from ..nano.config import MAX_SEQ_LEN, MIN_SEQ_LEN, PRECISIONS
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int4", "f32")
 POOLINGS = ("mean",)
-MIN_MAX_LENGTH = 3  # [CLS] + at least one text token + [SEP]
-MAX_MAX_LENGTH = 512  # SLM360 Nano's max_seq_len
 
 # At inference only the user's text and an action's text are featurized: the other dense
 # attributes (responses) are labels whose features the classifier stores at training time.
@@ -58,8 +57,6 @@ INFERENCE_ATTRIBUTES = (TEXT, ACTION_TEXT)
 # well, small enough that the token states of a 100k-example data set never sit in memory
 # all at once (each encoder token is a 1 KiB float32 vector).
 TRAINING_TEXTS_PER_CALL = 1024
-
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 def align_to_tokens(states: np.ndarray, offsets: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -86,14 +83,6 @@ def align_to_tokens(states: np.ndarray, offsets: np.ndarray, spans: np.ndarray) 
     counts = overlap.sum(axis=1, keepdims=True)  # (n, 1)
     summed = overlap.astype(np.float32) @ states.astype(np.float32, copy=False)  # (n, C)
     return (summed / np.maximum(counts, 1)).astype(np.float32, copy=False)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @DefaultV1Recipe.register(DefaultV1Recipe.ComponentType.MESSAGE_FEATURIZER, is_trainable=False)
@@ -167,10 +156,10 @@ class SLM360Featurizer(DenseFeaturizer, GraphComponent):
         if (
             isinstance(max_length, bool)
             or not isinstance(max_length, int)
-            or not MIN_MAX_LENGTH <= max_length <= MAX_MAX_LENGTH
+            or not MIN_SEQ_LEN <= max_length <= MAX_SEQ_LEN
         ):
             raise InvalidConfigException(
-                f"{where}: 'max_length' must be an integer from {MIN_MAX_LENGTH} to {MAX_MAX_LENGTH} "
+                f"{where}: 'max_length' must be an integer from {MIN_SEQ_LEN} to {MAX_SEQ_LEN} "
                 f"(encoder tokens per text, [CLS] and [SEP] included); got {max_length!r}"
             )
         pooling = config.get("pooling")
@@ -213,7 +202,7 @@ class SLM360Featurizer(DenseFeaturizer, GraphComponent):
                 path = pretrained_checkpoint_path()
             else:
                 path = Path(checkpoint).expanduser()
-            content = _file_sha256(path)
+            content = file_sha256(path)
         except OSError:
             content = "missing"  # __init__ reports the problem properly
         return f"slm360_rasa {slm360_rasa.__version__}; checkpoint sha256 {content}"

@@ -26,13 +26,13 @@ import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from ..fileio import atomic_writer
 from .config import ConfigError, NanoConfig
 
 FORMAT_NAME = "slm360-nano"
@@ -136,24 +136,13 @@ def save_checkpoint(
         "extra": extra_json,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     raw = save(arrays, metadata=metadata)
     header_len = struct.unpack("<Q", raw[:_HEADER_LEN_BYTES])[0]
     header_bytes = _canonical_header(raw[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
-    fd, tmp = tempfile.mkstemp(dir=str(out.parent), prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            f.write(memoryview(raw)[_HEADER_LEN_BYTES + header_len :])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; checkpoints are shared files
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(out) as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        f.write(memoryview(raw)[_HEADER_LEN_BYTES + header_len :])
     return out
 
 
@@ -172,13 +161,6 @@ def _canonical_header(header: bytes) -> bytes:
     canonical.update(parsed)  # tensors keep safetensors' own (deterministic) order
     text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return text + b" " * (-(_HEADER_LEN_BYTES + len(text)) % 8)
-
-
-def _default_file_mode() -> int:
-    """The mode open() would give a new file: 0o666 minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 # ---------------------------------------------------------------------------- load
@@ -251,14 +233,18 @@ def _read_header(path: Path) -> Dict[str, Any]:
     return header
 
 
-def load_checkpoint(path: PathLike, expected_tokenizer_sha256: Optional[str] = None) -> Checkpoint:
+def load_checkpoint(path: PathLike, expected_tokenizer_sha256: Optional[str] = None,
+                    select: Optional[Callable[[str], bool]] = None) -> Checkpoint:
     """Load and validate an SLM360 Nano checkpoint written by `save_checkpoint`.
 
     Raises CheckpointError (a ValueError) naming the file when it is missing, empty,
     truncated, corrupt, a foreign safetensors file, of another format version, has an
     invalid config, or - if `expected_tokenizer_sha256` is given - was trained with a
     different tokenizer. Tensor shapes are not checked here; see `validate_params`.
+    With `select`, only the tensors whose name it accepts are read from the file (serving
+    leaves out what only training needs).
     """
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     p = Path(path)
@@ -318,7 +304,11 @@ def load_checkpoint(path: PathLike, expected_tokenizer_sha256: Optional[str] = N
         )
 
     try:
-        tensors = load_file(str(p))
+        if select is None:
+            tensors = load_file(str(p))
+        else:
+            with safe_open(str(p), framework="np") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if select(k)}
     except Exception as exc:  # safetensors raises its own SafetensorError; keep the cause attached
         raise CheckpointError(f"{name}: safetensors could not read the tensor data: {exc}") from exc
     return Checkpoint(tensors=tensors, config=config, tokenizer_sha256=file_sha, extra=extra, path=p)

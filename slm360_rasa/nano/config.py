@@ -6,8 +6,17 @@ beside the weights, so a checkpoint always states the shape of the model it hold
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict
+
+from ..checks import check_int, check_number, dataclass_from_dict
+
+# Weights an encoder can run with (nano/runtime.py): 4-bit group-wise codes or float32.
+PRECISIONS = ("int4", "f32")
+# Sequence length bounds, [CLS] and [SEP] included: the seed spec's maximum, and the
+# shortest sequence that still holds one real token.
+MAX_SEQ_LEN = 512
+MIN_SEQ_LEN = 3
 
 
 class ConfigError(ValueError):
@@ -16,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class NanoConfig:
-    """Architecture of an SLM360 Nano encoder (see DESIGN.md section 3)."""
+    """Architecture of an SLM360 Nano encoder (docs/DESIGN.md, "The encoder")."""
 
     vocab_size: int = 8192  # WordPiece vocabulary, shipped as nano/assets/tokenizer.json
     dim: int = 256  # model width
@@ -24,20 +33,16 @@ class NanoConfig:
     n_heads: int = 8  # query heads
     n_kv_heads: int = 4  # key/value heads (GQA: each serves n_heads // n_kv_heads queries)
     hidden_dim: int = 682  # SwiGLU inner width (about 8/3 * dim, as in LLaMA)
-    max_seq_len: int = 512  # longer inputs are truncated with a warning
+    max_seq_len: int = MAX_SEQ_LEN  # longer inputs are truncated with a warning
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     pad_id: int = 0  # id of [PAD] in the tokenizer
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"NanoConfig.{name} must be a positive integer, got {value!r}")
+            check_int(f"NanoConfig.{name}", getattr(self, name), lo=1, error=ConfigError)
         for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"NanoConfig.{name} must be a positive number, got {value!r}")
+            check_number(f"NanoConfig.{name}", getattr(self, name), 0, lo_open=True, error=ConfigError)
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"NanoConfig.dim ({self.dim}) must be divisible by NanoConfig.n_heads ({self.n_heads})"
@@ -50,8 +55,7 @@ class NanoConfig:
             raise ConfigError(
                 f"NanoConfig.dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs of dimensions"
             )
-        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or not 0 <= self.pad_id < self.vocab_size:
-            raise ConfigError(f"NanoConfig.pad_id must be an integer in [0, vocab_size), got {self.pad_id!r}")
+        check_int("NanoConfig.pad_id", self.pad_id, lo=0, hi=self.vocab_size - 1, error=ConfigError)
 
     @property
     def head_dim(self) -> int:
@@ -98,10 +102,4 @@ class NanoConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "NanoConfig":
         """Build from a dict; unknown keys are an error (they signal a foreign or newer file)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"NanoConfig expects a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"NanoConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "NanoConfig", error=ConfigError)

@@ -26,16 +26,16 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes
 from .assets import tokenizer_path
 
-logger = logging.getLogger("slm360_rasa")
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -161,32 +161,8 @@ def train_tokenizer(
             raise TokenizerError(f"{token} got id {tok.token_to_id(token)} instead of {expected_id} after training")
 
     data = (tok.to_str(pretty=True) + "\n").encode("utf-8")
-    _atomic_write(out, data)
+    atomic_write_bytes(out, data)
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary sibling and os.replace (never a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; a shipped asset must be world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _default_file_mode() -> int:
-    """The mode open() would give a new file: 0o666 minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 # ---------------------------------------------------------------------------- encoding

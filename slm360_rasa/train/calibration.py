@@ -29,10 +29,16 @@ equal-width confidence bins of (0, 1], each weighted by its share of the example
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..checks import check_int
+from ..model.calibration import background_softmax, energy, in_scope_probability
+
+logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 
@@ -111,32 +117,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, t_min: float = T_MIN
     return _golden_log_t(lambda t: nll(z, y, t), t_min, t_max)
 
 
-def energy(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """E = T logsumexp(z / T) per row of logits (N, K): high for inputs the classifier knows."""
-    z = np.asarray(logits, np.float64)
-    t = float(temperature)
-    top = z.max(axis=1)
-    return t * np.log(np.exp((z - top[:, None]) / t).sum(axis=1)) + top
-
-
-def in_scope_probability(logits: np.ndarray, temperature: float, background: float) -> np.ndarray:
-    """sigmoid((E - b) / T) per row: the share of probability `background_softmax` leaves to
-    the intents (its rows' sums)."""
-    return 1.0 / (1.0 + np.exp((float(background) - energy(logits, temperature)) / float(temperature)))
-
-
-def background_softmax(logits: np.ndarray, temperature: float, background: Optional[float]) -> np.ndarray:
-    """Intent probabilities (N, K) float64: softmax over [z, background] / T without its last
-    column (they sum to P(in scope) < 1); the plain softmax(z / T) when background is None."""
-    z = np.asarray(logits, np.float64) / float(temperature)
-    if background is not None:
-        z = np.concatenate([z, np.full((z.shape[0], 1), float(background) / float(temperature))], axis=1)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    return p[:, : np.asarray(logits).shape[1]]
-
-
 def _background_at(z: np.ndarray, t: float, quantile: float) -> float:
     return float(np.quantile(energy(z, t), quantile))
 
@@ -174,8 +154,7 @@ def reliability_bins(confidence: Sequence[float], correct: Sequence[bool], n_bin
     corr = np.asarray(correct, dtype=np.float64)
     if conf.shape != corr.shape:
         raise ValueError(f"confidence and correct differ in length: {conf.shape} vs {corr.shape}")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    check_int("n_bins", n_bins, lo=1)
     idx = _bin_index(conf, n_bins)
     out = []
     for b in range(n_bins):
@@ -194,3 +173,68 @@ def expected_calibration_error(confidence: Sequence[float], correct: Sequence[bo
     if total == 0:
         return float("nan")
     return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["n"]))
+
+
+# ------------------------------------------------------------------ a model's calibration
+
+# Fewer held-out examples than this leave T = 1: with a handful of examples one of them
+# moves the NLL optimum a long way, and a wrong T is worse than none.
+MIN_CALIBRATION_EXAMPLES = 20
+# The out-of-scope logit is used only if it leaves the median held-out example at least
+# this much in scope (sigmoid((E - b) / T)); see `calibrate`.
+MIN_IN_SCOPE = 0.95
+
+
+def calibrate(model, oos_quantile: Optional[float]) -> dict:
+    """Fit `model`'s temperature (and out-of-scope logit at `oos_quantile`, None = off) on its
+    training state's held-out intent logits, through the served weights, and record held-out
+    accuracy, NLL and ECE before and after in `model.calibration` (also returned). T = 1 when
+    there are fewer than MIN_CALIBRATION_EXAMPLES readable held-out examples or no intent head."""
+    from ..model.heads import INTENT, softmax
+
+    holdout = model.training.holdout
+    model.temperature, model.background_logit = 1.0, None
+    info: dict = {"n_holdout": len(holdout), "temperature": 1.0, "fitted": False,
+                  "oos_quantile": oos_quantile, "background_logit": None}
+    if f"{INTENT}.weight" not in model.heads or not model.intents:
+        info["reason"] = "no intent head"
+        model.calibration = info
+        return info
+    known = [i for i, y in enumerate(holdout.intents) if y in model.intents]
+    logits = model.intent_logits([holdout.texts[i] for i in known]) if known else np.zeros((0, 0))
+    rows = [r for r in range(len(known)) if np.isfinite(logits[r]).all()]
+    if rows:
+        z = logits[rows].astype(np.float64)
+        y = np.array([model.intents.index(holdout.intents[known[r]]) for r in rows])
+        correct = z.argmax(1) == y
+        info.update(accuracy=float(correct.mean()), nll_before=nll(z, y, 1.0),
+                    ece_before=expected_calibration_error(softmax(z).max(1), correct))
+    info["n_used"] = len(rows)
+    if len(rows) < MIN_CALIBRATION_EXAMPLES:
+        info["reason"] = f"fewer than {MIN_CALIBRATION_EXAMPLES} held-out examples; temperature left at 1"
+        logger.info("SLM360: %d held-out examples (< %d), confidences are not calibrated (T = 1)",
+                    len(rows), MIN_CALIBRATION_EXAMPLES)
+    else:
+        t = b = None
+        if oos_quantile:
+            t, b = fit_temperature_with_background(z, y, oos_quantile)
+            # The "none of these" logit only helps where held-out energies are spread out,
+            # i.e. the model knows its intents well: a typical held-out example must stay at
+            # least MIN_IN_SCOPE in scope. A weak model (tiny bot, few epochs) has all its
+            # energies close together, and the logit would take mass from every answer.
+            typical = float(np.median(in_scope_probability(z, t, b)))
+            info["typical_in_scope"] = typical
+            if typical < MIN_IN_SCOPE:
+                t = b = None
+                info["background_off"] = (f"a typical held-out example would be only {typical:.2f} in scope "
+                                          f"(< {MIN_IN_SCOPE}): plain temperature scaling")
+        if t is None:
+            t = fit_temperature(z, y)
+        model.temperature, model.background_logit = t, b
+        info.update(temperature=t, background_logit=b, fitted=True, nll_after=nll(z, y, t, b),
+                    ece_after=expected_calibration_error(background_softmax(z, t, b).max(1), correct))
+        logger.info("SLM360: temperature %.3f%s fitted on %d held-out examples (accuracy %.3f, ECE %.3f -> %.3f)",
+                    t, "" if b is None else f" and out-of-scope logit {b:.2f}", len(rows), info["accuracy"],
+                    info["ece_before"], info["ece_after"])
+    model.calibration = info
+    return info

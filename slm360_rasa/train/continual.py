@@ -33,28 +33,8 @@ against 68-111 s for the whole buffer, with B held-out accuracy and A held-out f
 within two examples of it (334 and 500 examples); plain finetuning still learnt 2-3 points
 more on B. So the default replays the whole buffer; the ratio is for updates whose time matters.
 
-Fisher storage ("log2-q4-g32"), in the manner of nano/quant.py's block_q4
-------------------------------------------------------------------------
-A Fisher value is a non-negative importance that spans many orders of magnitude and is
-itself a noisy estimate, so it is stored as a 4-bit *logarithmic* code relative to the
-largest value of its group. A tensor is flattened (row-major) and cut into groups of
-FISHER_GROUP = 32 consecutive values (the last group may be shorter):
-
-    fisher.<name>.top    float16 (ceil(n / 32),)  log2 of the group's largest value
-                                                   (0.0 for a group of zeros)
-    fisher.<name>.codes  uint8   (ceil(n / 2),)    4-bit codes, element 2j in the low
-                                                   nibble of byte j, element 2j+1 in the high
-                                                   nibble (an odd tail is padded with ZERO)
-
-    value = 2 ** (top - code)   for code in 0..14   (code = round(top - log2 value))
-    value = 0                   for code 15 (FISHER_ZERO_CODE): the value is below
-                                2 ** (top - 14.5), i.e. < 1/23,000 of the group's largest
-
-So a stored value is within a factor 2 ** 0.5 (plus f16 rounding of `top`, < 2 ** 0.03)
-of the estimate; 4.5 bits per value, the bit budget of the INT4 weights. For the shipped
-6.4M-parameter encoder with the embedding frozen (the default) the Fisher covers 4,325,632
-encoder values, 2,433,168 bytes (`fisher_bytes`), plus 0.56 bytes per head value (11 KB
-for a 77-intent head): the saved model grows by about 2.4 MB.
+The Fisher diagonal is stored as 4-bit logarithmic codes (model/fisher.py documents the
+format).
 """
 from __future__ import annotations
 
@@ -64,104 +44,27 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import Examples, holdout_split, stratified_sample
+from ..config import FinetuneConfig
+from ..model.examples import Examples
+from ..model.fisher import encode_fisher
+from ..model.intent_entity import IntentEntityModel
+from .data import holdout_split, stratified_sample
+from .trainer import Replay, Trainer
 
-if TYPE_CHECKING:  # finetune imports this module; the runtime import happens inside the functions
-    from .finetune import FinetuneConfig, IntentEntityModel
-
-logger = logging.getLogger("slm360_rasa")
-
-FISHER_FORMAT = "log2-q4-g32"
-FISHER_PREFIX = "fisher."
-FISHER_GROUP = 32  # values per group sharing one f16 `top`
-FISHER_ZERO_CODE = 15  # the 4-bit code that means "zero"
-FISHER_OCTAVES = FISHER_ZERO_CODE  # codes 0..14: 0 to 14 octaves below the group's top
+logger = logging.getLogger(__name__)
 
 Arrays = Dict[str, np.ndarray]
 
 
-# ------------------------------------------------------------------ Fisher storage
+# ------------------------------------------------------------------ Fisher
 
 
-def encode_fisher(fisher: Arrays) -> Arrays:
-    """Tensors `fisher.<name>.top` / `fisher.<name>.codes` for each non-negative array (layout above)."""
-    out: Arrays = {}
-    for name, f in fisher.items():
-        v = np.asarray(f, np.float64).ravel()
-        if not np.isfinite(v).all() or (v < 0).any():
-            raise ValueError(f"Fisher values of {name!r} must be finite and >= 0")
-        n = v.size
-        n_groups = -(-n // FISHER_GROUP)
-        padded = np.zeros(n_groups * FISHER_GROUP)
-        padded[:n] = v
-        groups = padded.reshape(n_groups, FISHER_GROUP)
-        gmax = groups.max(axis=1)
-        with np.errstate(divide="ignore"):
-            top = np.where(gmax > 0, np.log2(np.where(gmax > 0, gmax, 1.0)), 0.0).astype(np.float16)
-            logv = np.log2(np.where(groups > 0, groups, 1.0))
-        # Codes are relative to the *stored* (f16-rounded) top, so decoding sees the same reference.
-        rel = top.astype(np.float64)[:, None] - logv
-        codes = np.clip(np.rint(rel), 0, FISHER_OCTAVES - 1).astype(np.uint8)
-        codes[(groups <= 0) | (rel > FISHER_OCTAVES - 0.5)] = FISHER_ZERO_CODE
-        flat = codes.ravel()[:n]
-        if n % 2:
-            flat = np.concatenate([flat, np.array([FISHER_ZERO_CODE], np.uint8)])
-        packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-        out[f"{FISHER_PREFIX}{name}.top"] = top
-        out[f"{FISHER_PREFIX}{name}.codes"] = packed
-    return out
-
-
-def _fisher_pair(tensors: Arrays, name: str, shape: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
-    """The (top, codes) tensors of `name`, checked against `shape`; errors name the tensor."""
-    try:
-        top, packed = tensors[f"{FISHER_PREFIX}{name}.top"], tensors[f"{FISHER_PREFIX}{name}.codes"]
-    except KeyError as e:
-        raise ValueError(f"Fisher tensor of {name!r} is missing {e.args[0]!r}") from None
-    n = int(np.prod(shape))
-    n_groups = -(-n // FISHER_GROUP)
-    if top.dtype != np.float16 or packed.dtype != np.uint8 or top.shape != (n_groups,) \
-            or packed.shape != (-(-n // 2),):
-        raise ValueError(f"Fisher tensors of {name!r} have {top.dtype}{top.shape} / {packed.dtype}{packed.shape}; "
-                         f"for shape {tuple(shape)} expected float16({n_groups},) / uint8({-(-n // 2)},)")
-    return top, packed
-
-
-def check_fisher(tensors: Arrays, shapes: Dict[str, Tuple[int, ...]]) -> None:
-    """Raise ValueError, naming the tensor, unless `tensors` hold a valid Fisher for `shapes`
-    (what `decode_fisher` checks, without decoding: loading a model for serving never needs
-    the values)."""
-    for name, shape in shapes.items():
-        _fisher_pair(tensors, name, shape)
-
-
-def decode_fisher(tensors: Arrays, shapes: Dict[str, Tuple[int, ...]]) -> Arrays:
-    """Float32 Fisher arrays of the given shapes from `encode_fisher`'s tensors; errors name the tensor."""
-    out: Arrays = {}
-    for name, shape in shapes.items():
-        top, packed = _fisher_pair(tensors, name, shape)
-        n = int(np.prod(shape))
-        codes = np.empty(packed.size * 2, np.uint8)
-        codes[0::2] = packed & 0x0F
-        codes[1::2] = packed >> 4
-        codes = codes[:n]
-        gtop = np.repeat(top.astype(np.float64), FISHER_GROUP)[:n]
-        vals = np.where(codes == FISHER_ZERO_CODE, 0.0, np.exp2(gtop - codes))
-        out[name] = vals.reshape(shape).astype(np.float32)
-    return out
-
-
-def fisher_bytes(n_values: int) -> int:
-    """Bytes `encode_fisher` stores for one tensor of `n_values` values."""
-    return 2 * -(-n_values // FISHER_GROUP) + -(-n_values // 2)
-
-
-def empirical_fisher(model: "IntentEntityModel", examples: Examples) -> Arrays:
-    """Diagonal empirical Fisher of `model`'s training loss at its current float weights:
+def empirical_fisher(trainer: Trainer, examples: Examples) -> Arrays:
+    """Diagonal empirical Fisher of the training loss at `trainer`'s current float weights:
     mean over `examples` of the squared per-example gradient, for every tensor that
     fine-tuning updates (trainable encoder tensors and the heads). Summed in float32 in a
     fixed order (deterministic; the rounding, ~1e-4 relative over 1,000 terms, is far below
@@ -169,13 +72,35 @@ def empirical_fisher(model: "IntentEntityModel", examples: Examples) -> Arrays:
     if len(examples) == 0:
         raise ValueError("empirical_fisher needs at least one example")
     acc: Dict[str, np.ndarray] = {}
-    for grads in model.example_gradients(examples):
+    for grads in trainer.example_gradients(examples):
         for k, g in grads.items():
             if k in acc:
                 acc[k] += np.square(g, dtype=np.float32)
             else:
                 acc[k] = np.square(g, dtype=np.float32)
     return {k: v / np.float32(len(examples)) for k, v in sorted(acc.items())}
+
+
+def remember(trainer: Trainer) -> None:
+    """After `trainer.fit`: keep what a later update needs in the model's training state, a
+    replay buffer (a stratified, seeded sample of everything just trained on) and the Fisher
+    diagonal over a subset of it (skipped when ewc_lambda is 0)."""
+    cfg, model = trainer.cfg, trainer.model
+    state, train = model.training, trainer.trained_on
+    # Stratify by intent so a replayed update still sees every intent; entity-only
+    # models have no intent labels, and the sample is then a plain seeded draw.
+    has_intents = "head.intent.weight" in model.heads
+    idx = stratified_sample(train.intents if has_intents else [""] * len(train), cfg.replay_size,
+                            [cfg.random_seed, 2])
+    state.replay = train.subset(idx)
+    state.fisher_names, state.fisher_tensors = [], {}
+    if cfg.ewc_lambda > 0 and len(state.replay):
+        t0 = time.time()
+        sub = state.replay.subset(stratified_sample(state.replay.intents, cfg.fisher_examples, [cfg.random_seed, 3]))
+        fisher = empirical_fisher(trainer, sub)
+        state.fisher_names = sorted(fisher)
+        state.fisher_tensors = encode_fisher(fisher)
+        logger.info("SLM360: Fisher diagonal over %d replay examples in %.1f s", len(sub), time.time() - t0)
 
 
 # ------------------------------------------------------------------ EWC
@@ -192,7 +117,7 @@ class EWCPenalty:
     penalty's weight on an average weight, comparable across bots and datasets.
 
     Call it with the current parameters; it returns (penalty, gradients), the form
-    `IntentEntityModel.fit(penalty=...)` adds to its loss.
+    `Trainer(penalty=...)` adds to its loss.
     """
 
     def __init__(self, fisher: Arrays, anchor: Arrays, ewc_lambda: float, normalize: bool = True):
@@ -232,7 +157,7 @@ class EWCPenalty:
 # ------------------------------------------------------------------ guard
 
 
-def intent_accuracy(model: "IntentEntityModel", examples: Examples) -> float:
+def intent_accuracy(model: IntentEntityModel, examples: Examples) -> float:
     """Share of `examples` whose top predicted intent (the served, INT4 by default, model) is the
     labelled one; a text the model cannot read counts as wrong."""
     if len(examples) == 0:
@@ -294,19 +219,20 @@ class ContinualLearner:
         learner.save("model.safetensors")   # the updated model, or the unchanged one if refused
     """
 
-    def __init__(self, model: "IntentEntityModel", cfg: Optional["FinetuneConfig"] = None, **overrides):
+    def __init__(self, model: IntentEntityModel, cfg: Optional[FinetuneConfig] = None, **overrides):
         """`cfg` (default: the model's own) with `overrides` (FinetuneConfig fields, e.g.
         epochs=3, max_forgetting=None) sets how updates train and how strict the guard is."""
         self.model = model
-        cfg = cfg if cfg is not None else model.cfg
+        if model.training is None:
+            raise ValueError("continual learning needs the model's training state: load it with "
+                             "IntentEntityModel.load(path, training=True) or ContinualLearner.load(path)")
+        cfg = cfg if cfg is not None else model.training.finetune
         self.cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
 
     @classmethod
     def load(cls, path, **overrides) -> "ContinualLearner":
         """A learner for the model saved at `path` (see IntentEntityModel.save)."""
-        from .finetune import IntentEntityModel
-
-        return cls(IntentEntityModel.load(Path(path)), **overrides)
+        return cls(IntentEntityModel.load(Path(path), training=True), **overrides)
 
     def save(self, path) -> Path:
         """Save the current model (updated, or the previous one after a refused update)."""
@@ -321,39 +247,42 @@ class ContinualLearner:
         """
         t0 = time.time()
         prev, cfg = self.model, self.cfg
+        old = prev.training
         new = self._validated(texts, intents, entities)
-        round_ = len(prev.continual)
+        round_ = len(old.continual)
         # Old held-out examples that come again (Rasa's --finetune passes the whole data set)
         # stay held out: training on them would blind the guard that measures on them.
-        old_hold = set(zip(prev.holdout.texts, prev.holdout.intents))
+        old_hold = set(zip(old.holdout.texts, old.holdout.intents))
         new = new.subset([i for i, k in enumerate(zip(new.texts, new.intents)) if k not in old_hold])
         new_train, new_hold = holdout_split(new, cfg.holdout_fraction, cfg.holdout_max, [cfg.random_seed, round_ + 1])
         # An old example that comes again (Rasa's --finetune passes the whole data set) is
         # trained on once, not twice.
         seen = set(zip(new_train.texts, new_train.intents))
-        replay = prev.replay.subset([i for i, k in enumerate(zip(prev.replay.texts, prev.replay.intents))
+        replay = old.replay.subset([i for i, k in enumerate(zip(old.replay.texts, old.replay.intents))
                                      if k not in seen])
         per_epoch = len(replay)  # with nothing new left to train on, the whole buffer is the update
         if cfg.replay_ratio is not None and len(new_train):
             per_epoch = min(len(replay), math.ceil(cfg.replay_ratio * len(new_train)))
-        if len(prev.holdout):
-            guard_set, guard = prev.holdout, "holdout"
-        elif len(prev.replay):
-            guard_set, guard = prev.replay, "replay"
+        if len(old.holdout):
+            guard_set, guard = old.holdout, "holdout"
+        elif len(old.replay):
+            guard_set, guard = old.replay, "replay"
         else:
             guard_set, guard = Examples(), "none"
-        holdout = prev.holdout + new_hold
+        holdout = old.holdout + new_hold
         if len(holdout) > cfg.holdout_max:
             holdout = holdout.subset(stratified_sample(holdout.intents, cfg.holdout_max, [cfg.random_seed, round_ + 1]))
 
         penalty = None
-        if cfg.ewc_lambda > 0 and prev.fisher_names:
+        if cfg.ewc_lambda > 0 and old.fisher_names:
             fisher = prev.fisher()
-            current = {**prev.params, **prev.heads}
+            current = {**old.params, **prev.heads}
             penalty = EWCPenalty(fisher, {k: current[k] for k in fisher}, cfg.ewc_lambda)
-        candidate = prev.clone(cfg)
-        candidate.fit(new_train.texts, new_train.intents, new_train.entities, progress=progress, penalty=penalty,
-                      holdout=holdout, replay=replay, replay_per_epoch=per_epoch)
+        candidate = prev.copy()
+        trainer = Trainer(candidate, cfg, penalty=penalty)
+        trainer.fit(new_train.texts, new_train.intents, new_train.entities, progress=progress, holdout=holdout,
+                    replay=Replay(replay, per_epoch))
+        remember(trainer)
 
         before = after = drop = None
         accepted = True
@@ -369,11 +298,11 @@ class ContinualLearner:
                              replay_per_epoch=per_epoch,
                              epochs=cfg.epochs, seconds=round(time.time() - t0, 3))
         if accepted:
-            candidate.continual = list(prev.continual) + [report.to_metadata()]
+            candidate.training.continual = list(old.continual) + [report.to_metadata()]
             self.model = candidate
             logger.info("SLM360 %s", report.summary())
         else:
-            prev.continual.append(report.to_metadata())  # the weights stay exactly as they were
+            old.continual.append(report.to_metadata())  # the weights stay exactly as they were
             logger.warning("SLM360 %s", report.summary())
         return report
 

@@ -1,12 +1,15 @@
 """Data helpers shared by pretraining, fine-tuning and continual learning: seeded,
-length-bucketed, padded batches; labelled example sets; stratified held-out splits and samples."""
+length-bucketed, padded batches; stratified held-out splits and samples of `Examples`
+(model/examples.py)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from ..checks import check_int
+from ..model.examples import Examples
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
@@ -34,59 +37,6 @@ def pad(seqs: List[np.ndarray], pad_id: int) -> Tuple[np.ndarray, np.ndarray]:
         ids[b, : len(s)] = s
         mask[b, : len(s)] = 1.0
     return ids, mask
-
-
-# ------------------------------------------------------------------ labelled examples
-
-
-@dataclass
-class Examples:
-    """Labelled utterances kept inside a model (held-out guard set, replay buffer).
-
-    `entities[i]` lists {"start", "end", "entity"} character spans of `texts[i]` (end
-    exclusive); other keys of incoming entity dicts (value, role, extractor) are dropped,
-    since the value is `text[start:end]` and the heads use nothing else.
-    """
-
-    texts: List[str] = field(default_factory=list)
-    intents: List[str] = field(default_factory=list)
-    entities: List[List[dict]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not (len(self.texts) == len(self.intents) == len(self.entities)):
-            raise ValueError(f"Examples: texts ({len(self.texts)}), intents ({len(self.intents)}) and "
-                             f"entities ({len(self.entities)}) differ in length")
-        self.entities = [[{"start": int(e["start"]), "end": int(e["end"]), "entity": str(e["entity"])}
-                          for e in ents] for ents in self.entities]
-
-    @classmethod
-    def build(cls, texts: Sequence[str], intents: Sequence[str],
-              entities: Optional[Sequence[Sequence[dict]]] = None) -> "Examples":
-        """From parallel lists; `entities=None` means no entity annotations."""
-        ents = [list(e) for e in entities] if entities is not None else [[] for _ in texts]
-        return cls(list(texts), list(intents), ents)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, idx: Sequence[int]) -> "Examples":
-        """The examples at positions `idx`, in that order."""
-        return Examples([self.texts[i] for i in idx], [self.intents[i] for i in idx],
-                        [self.entities[i] for i in idx])
-
-    def __add__(self, other: "Examples") -> "Examples":
-        return Examples(self.texts + other.texts, self.intents + other.intents, self.entities + other.entities)
-
-    def to_json(self) -> dict:
-        """Compact JSON: entities as [start, end, type] triples."""
-        return {"texts": list(self.texts), "intents": list(self.intents),
-                "entities": [[[e["start"], e["end"], e["entity"]] for e in ents] for ents in self.entities]}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Examples":
-        """Inverse of `to_json`."""
-        return cls(list(d["texts"]), list(d["intents"]),
-                   [[{"start": s, "end": e, "entity": t} for s, e, t in ents] for ents in d["entities"]])
 
 
 # ------------------------------------------------------------------ stratified sampling
@@ -137,8 +87,7 @@ def stratified_holdout(labels: Sequence[str], fraction: float, max_n: int, seed)
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction!r}")
-    if isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 0:
-        raise ValueError(f"holdout max_n must be an integer >= 0, got {max_n!r}")
+    check_int("holdout max_n", max_n, lo=0)
     n = len(labels)
     groups = _groups(labels)
     sizes = np.array([len(g) for g in groups.values()], np.int64)
@@ -169,8 +118,7 @@ def holdout_split(examples: Examples, fraction: float, max_n: int, seed) -> Tupl
 def stratified_sample(labels: Sequence[str], n: int, seed) -> np.ndarray:
     """Sorted positions of a seeded sample of `n` examples (all of them when n >= len),
     stratified by label, with every label represented when n >= the number of labels."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"sample size must be an integer >= 0, got {n!r}")
+    check_int("sample size", n, lo=0)
     if n >= len(labels):
         return np.arange(len(labels), dtype=np.int64)
     groups = _groups(labels)

@@ -1,19 +1,19 @@
-"""Task heads on top of the encoder: intent (pooled -> softmax) and entities (tokens -> BILOU).
+"""Training of the heads (model/heads.py serves them): init, loss, gradients, BILOU labels.
 
-Both heads are a linear map followed by softmax cross-entropy; `*_forward` returns the loss,
-the probabilities and the gradient w.r.t. the head input, so the caller chains it into
-`nano.model.backward`. Entity labels are BILOU tags over the encoder's WordPiece tokens,
-derived from character spans, and decoded back to character spans snapped to word edges.
+Both heads are a linear map followed by softmax cross-entropy; `softmax_xent` returns the
+loss, the probabilities and the gradient w.r.t. the logits, and `linear_head_backward`
+chains it to the head input, so the caller feeds it into `nano.model.backward`. Entity
+labels are BILOU tags over the encoder's WordPiece tokens, derived from character spans.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence
 
 import numpy as np
 
+from ..model.heads import OUTSIDE, softmax
+
 IGNORE = -1  # label of tokens that take no part in the entity loss ([CLS], [SEP], padding)
-OUTSIDE = "O"
-BILOU = ("B", "I", "L", "U")
 
 
 def init_linear(n_out: int, n_in: int, seed: int, name: str) -> Dict[str, np.ndarray]:
@@ -21,13 +21,6 @@ def init_linear(n_out: int, n_in: int, seed: int, name: str) -> Dict[str, np.nda
     rng = np.random.default_rng([seed, sum(map(ord, name))])
     return {f"{name}.weight": (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32),
             f"{name}.bias": np.zeros(n_out, np.float32)}
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax over the last axis."""
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def softmax_xent(logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0):
@@ -58,17 +51,6 @@ def linear_head_forward(x: np.ndarray, p: Dict[str, np.ndarray], name: str) -> n
     return (x.reshape(-1, x.shape[-1]) @ W.T + b).reshape(x.shape[:-1] + (W.shape[0],))  # (..., K)
 
 
-def linear_head_predict(x: np.ndarray, p: Dict[str, np.ndarray], name: str) -> np.ndarray:
-    """`linear_head_forward` for serving: x (N, C) float32, one numba loop on this thread (no
-    BLAS threads; see kernels.linear_serial). Same values up to float32 summation order."""
-    from ..nano.kernels import linear_serial
-
-    W, b = p[f"{name}.weight"], p[f"{name}.bias"]
-    out = np.empty((x.shape[0], W.shape[0]), np.float32)
-    linear_serial(np.ascontiguousarray(x, dtype=np.float32), W, b, out)
-    return out
-
-
 def linear_head_backward(x: np.ndarray, dlogits: np.ndarray, p: Dict[str, np.ndarray], name: str):
     """Returns (dx, grads of the head)."""
     W = p[f"{name}.weight"]
@@ -76,14 +58,6 @@ def linear_head_backward(x: np.ndarray, dlogits: np.ndarray, p: Dict[str, np.nda
     d2 = dlogits.reshape(-1, dlogits.shape[-1])  # (N, K)
     grads = {f"{name}.weight": d2.T @ x2, f"{name}.bias": d2.sum(axis=0)}
     return (d2 @ W).reshape(x.shape), grads
-
-
-# ----------------------------------------------------------------------- BILOU
-
-
-def tag_names(entity_types: Sequence[str]) -> List[str]:
-    """["O", "B-a", "I-a", "L-a", "U-a", "B-b", ...] for sorted entity types."""
-    return [OUTSIDE] + [f"{p}-{e}" for e in sorted(entity_types) for p in BILOU]
 
 
 def bilou_labels(offsets: np.ndarray, length: int, entities: Sequence[dict], tag_index: Dict[str, int],
@@ -111,61 +85,3 @@ def bilou_labels(offsets: np.ndarray, length: int, entities: Sequence[dict], tag
             labels[i] = tag_index[f"I-{ent['entity']}"]
         labels[toks[-1]] = tag_index[f"L-{ent['entity']}"]
     return labels
-
-
-def _snap(text: str, start: int, end: int) -> Tuple[int, int]:
-    """Widen a span to whole words: WordPiece may split a word inside an entity."""
-    while start > 0 and text[start - 1].isalnum() and text[start].isalnum():
-        start -= 1
-    while end < len(text) and text[end].isalnum() and text[end - 1].isalnum():
-        end += 1
-    return start, end
-
-
-def decode_bilou(text: str, offsets: np.ndarray, probs: np.ndarray, tags: Sequence[str]) -> List[dict]:
-    """Entity spans from per-token tag probabilities (T, n_tags) of one text.
-
-    Greedy argmax per token; a span opens on B/U, on a change of type or after O, and closes
-    on L/U/O. Confidence = mean probability of the chosen tags over the span's tokens.
-    """
-    out: List[dict] = []
-    cur: Optional[dict] = None
-
-    def close():
-        nonlocal cur
-        if cur is not None:
-            s, e = _snap(text, cur["start"], cur["end"])
-            value = text[s:e]
-            if value.strip():
-                out.append({"start": s, "end": e, "value": value, "entity": cur["entity"],
-                            "confidence_entity": float(np.mean(cur["p"]))})
-        cur = None
-
-    for i in range(len(offsets)):
-        a, b = int(offsets[i][0]), int(offsets[i][1])
-        if b <= a:  # [CLS], [SEP]
-            continue
-        k = int(np.argmax(probs[i]))
-        tag = tags[k]
-        if tag == OUTSIDE:
-            close()
-            continue
-        prefix, ent = tag.split("-", 1)
-        if cur is None or prefix in ("B", "U") or cur["entity"] != ent:
-            close()
-            cur = {"start": a, "end": b, "entity": ent, "p": []}
-        cur["end"] = b
-        cur["p"].append(float(probs[i, k]))
-        if prefix in ("L", "U"):
-            close()
-    close()
-    # Overlaps can only come from snapping; keep the more confident span.
-    out.sort(key=lambda e: (e["start"], -e["confidence_entity"]))
-    kept: List[dict] = []
-    for e in out:
-        if kept and e["start"] < kept[-1]["end"]:
-            if e["confidence_entity"] > kept[-1]["confidence_entity"]:
-                kept[-1] = e
-            continue
-        kept.append(e)
-    return kept

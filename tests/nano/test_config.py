@@ -32,5 +32,5 @@ def test_validation_names_the_bad_field(kw, field):
 def test_dict_round_trip_and_unknown_keys():
     c = NanoConfig(n_layers=2)
     assert NanoConfig.from_dict(c.to_dict()) == c
-    with pytest.raises(ConfigError, match="unknown field.*'n_experts'"):
+    with pytest.raises(ConfigError, match="unknown key.*'n_experts'"):
         NanoConfig.from_dict({**c.to_dict(), "n_experts": 4})

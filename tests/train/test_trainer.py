@@ -1,5 +1,6 @@
-"""Fine-tuning (train/finetune.py): learns a toy task, handles edge cases, round-trips to disk,
-calibrates on held-out examples, and is deterministic (bytes on disk, numba thread count)."""
+"""Fine-tuning (train/trainer.py, train/finetune.py): learns a toy task, handles edge cases,
+round-trips to disk, calibrates on held-out examples, and is deterministic (bytes on disk,
+numba thread count)."""
 import hashlib
 import json
 import os
@@ -13,8 +14,14 @@ from slm360_rasa.nano.checkpoint import save_checkpoint
 from slm360_rasa.nano.config import NanoConfig
 from slm360_rasa.nano.model import init_params
 from slm360_rasa.nano.tokenizer import NanoTokenizer
-from slm360_rasa.train.calibration import background_softmax, fit_temperature, fit_temperature_with_background, nll
-from slm360_rasa.train.finetune import MIN_CALIBRATION_EXAMPLES, MIN_IN_SCOPE, FinetuneConfig, IntentEntityModel
+from slm360_rasa.config import FinetuneConfig
+from slm360_rasa.model import IntentEntityModel
+from slm360_rasa.model.calibration import background_softmax
+from slm360_rasa.train.calibration import (MIN_CALIBRATION_EXAMPLES, MIN_IN_SCOPE, fit_temperature,
+                                           fit_temperature_with_background, nll)
+from slm360_rasa.train.continual import remember
+from slm360_rasa.train.finetune import finetune
+from slm360_rasa.train.trainer import Trainer, start_model
 from toybot import columns, toy_examples
 
 SMALL = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
@@ -43,45 +50,22 @@ def checkpoint(tmp_path_factory):
 
 def _fit(checkpoint, data=DATA, **kw):
     cfg = FinetuneConfig(**{"epochs": 25, "batch_size": 4, "learning_rate": 2e-3, **kw})
-    m = IntentEntityModel.from_pretrained(cfg, checkpoint=str(checkpoint))
     texts = [d[0] for d in data]
     ents = [[{"start": s, "end": e, "entity": t, "value": d[0][s:e]} for s, e, t in d[2]] for d in data]
-    m.fit(texts, [d[1] for d in data], ents, progress=False)
-    return m
+    return finetune(texts, [d[1] for d in data], ents, cfg, checkpoint=str(checkpoint), progress=False)
 
 
 def test_learns_intents_and_entities(checkpoint):
     m = _fit(checkpoint)
-    assert m.history[-1]["t_loss"] < 0.3 * m.history[0]["t_loss"]
-    assert m.history[-1]["i_acc"] == 1.0
+    history = m.training.history
+    assert history[-1]["t_loss"] < 0.3 * history[0]["t_loss"]
+    assert history[-1]["i_acc"] == 1.0
     preds = m.predict([d[0] for d in DATA])
     acc = np.mean([m.intents[int(p.intent_probs.argmax())] == d[1] for p, d in zip(preds, DATA)])
     assert acc >= 0.9
     ents = preds[0].entities
     assert [(e["value"], e["entity"]) for e in ents] == [("4", "people")]
     assert 0 < ents[0]["confidence_entity"] <= 1
-
-
-def test_save_load_round_trip_gives_identical_predictions(checkpoint, tmp_path):
-    m = _fit(checkpoint, epochs=3)
-    texts = [d[0] for d in DATA] + ["", "🙂", "x" * 5000]
-    before = m.predict(texts)
-    path = m.save(tmp_path / "model.safetensors")
-    m2 = IntentEntityModel.load(path)
-    after = m2.predict(texts)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a.intent_probs, b.intent_probs)
-        assert a.entities == b.entities
-    assert m2.intents == m.intents and m2.tags == m.tags
-
-
-def test_warm_up_builds_the_serving_encoder_before_the_first_message(checkpoint, tmp_path):
-    path = _fit(checkpoint, epochs=1).save(tmp_path / "m.safetensors")
-    m = IntentEntityModel.load(path)
-    before = m.predict(["when do you open"])[0].intent_probs
-    fresh = IntentEntityModel.load(path)
-    assert fresh.warm_up() > 0 and fresh.encoder is not None
-    np.testing.assert_array_equal(fresh.predict(["when do you open"])[0].intent_probs, before)
 
 
 def test_single_intent_no_entities_and_one_example(checkpoint):
@@ -93,24 +77,10 @@ def test_single_intent_no_entities_and_one_example(checkpoint):
 def test_same_seed_gives_bit_identical_weights(checkpoint):
     a = _fit(checkpoint, epochs=2)
     b = _fit(checkpoint, epochs=2)
-    for k in a.params:
-        assert np.array_equal(a.params[k], b.params[k]), k
+    for k in a.training.params:
+        assert np.array_equal(a.training.params[k], b.training.params[k]), k
     for k in a.heads:
         assert np.array_equal(a.heads[k], b.heads[k]), k
-
-
-def test_config_validation_names_the_key():
-    with pytest.raises(ValueError, match="epochs"):
-        FinetuneConfig(epochs=0)
-    with pytest.raises(ValueError, match="freeze_layers"):
-        FinetuneConfig(freeze_layers=-1)
-    with pytest.raises(ValueError, match="oos_quantile"):
-        FinetuneConfig(oos_quantile=0.9)
-    for key, bad in [("holdout_fraction", 0.7), ("holdout_max", -1), ("replay_size", 1.5), ("ewc_lambda", -1.0),
-                     ("ewc_lambda", float("inf")), ("max_forgetting", 2.0), ("fisher_examples", 0)]:
-        with pytest.raises(ValueError, match=key):
-            FinetuneConfig(**{key: bad})
-    assert FinetuneConfig(max_forgetting=None).max_forgetting is None
 
 
 # ------------------------------------------------------------------ held-out set and calibration
@@ -119,19 +89,22 @@ def test_config_validation_names_the_key():
 @pytest.mark.parametrize("oos_quantile,epochs", [(0.01, 2), (0.01, 8), (None, 2)])
 def test_temperature_is_fitted_on_held_out_examples_and_used_by_predict(checkpoint, tmp_path, oos_quantile, epochs):
     data = toy_examples(16)
-    m = IntentEntityModel.from_pretrained(FinetuneConfig(epochs=epochs, batch_size=8, learning_rate=2e-3,
-                                                         holdout_fraction=0.5, oos_quantile=oos_quantile),
-                                          checkpoint=str(checkpoint))
-    m.fit(*columns(data), progress=False)
+    cfg = FinetuneConfig(epochs=epochs, batch_size=8, learning_rate=2e-3, holdout_fraction=0.5,
+                         oos_quantile=oos_quantile)
+    m, params = start_model(cfg, checkpoint=str(checkpoint))
+    trainer = Trainer(m, cfg, params)
+    trainer.fit(*columns(data), progress=False)
+    remember(trainer)
+    holdout, replay = m.training.holdout, m.training.replay
     # 24 of 48 held out (8 per intent), none of them trained on or replayed.
-    assert len(m.holdout) == 24 and sorted(set(m.holdout.intents)) == m.intents
-    assert not set(m.holdout.texts) & set(m.replay.texts) and len(m.replay) == 24
+    assert len(holdout) == 24 and sorted(set(holdout.intents)) == m.intents
+    assert not set(holdout.texts) & set(replay.texts) and len(replay) == 24
     cal = m.calibration
     assert cal["fitted"] and cal["n_used"] == 24 >= MIN_CALIBRATION_EXAMPLES
     # The stored T (and out-of-scope logit) are the NLL optimum over the held-out intent
     # logits of the served (INT4) model.
-    z = m.intent_logits(m.holdout.texts).astype(np.float64)
-    y = np.array([m.intents.index(i) for i in m.holdout.intents])
+    z = m.intent_logits(holdout.texts).astype(np.float64)
+    y = np.array([m.intents.index(i) for i in holdout.intents])
     if m.background_logit is None:
         assert m.temperature == fit_temperature(z, y)
         assert cal["nll_after"] == pytest.approx(nll(z, y, m.temperature)) and cal["nll_after"] <= cal["nll_before"]
@@ -158,39 +131,12 @@ def test_temperature_is_fitted_on_held_out_examples_and_used_by_predict(checkpoi
     assert np.array_equal(np.stack([p.intent_probs for p in back.predict(texts)]), got)
 
 
-def test_corrupt_background_logit_is_refused(checkpoint, tmp_path):
-    from slm360_rasa.nano.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(_fit(checkpoint, epochs=1).save(tmp_path / "m.safetensors"))
-    bad = save_checkpoint(tmp_path / "bad.safetensors", ck.tensors, ck.config, ck.tokenizer_sha256,
-                          extra={**ck.extra, "background_logit": "high"})
-    with pytest.raises(ValueError, match="background_logit"):
-        IntentEntityModel.load(bad)
-
-
 def test_few_held_out_examples_leave_the_temperature_at_one(checkpoint):
     m = _fit(checkpoint, epochs=2)  # 12 examples: 1 held out
-    assert len(m.holdout) == 1 and m.temperature == 1.0
+    assert len(m.training.holdout) == 1 and m.temperature == 1.0
     assert m.calibration["fitted"] is False and "fewer than" in m.calibration["reason"]
     off = _fit(checkpoint, epochs=1, holdout_fraction=0.0)
-    assert len(off.holdout) == 0 and off.temperature == 1.0 and len(off.replay) == len(DATA)
-
-
-def test_a_model_saved_before_calibration_and_continual_state_still_loads(checkpoint, tmp_path):
-    from slm360_rasa.nano.checkpoint import load_checkpoint
-
-    m = _fit(checkpoint, epochs=1)
-    ck = load_checkpoint(m.save(tmp_path / "new.safetensors"))
-    old_extra = {k: v for k, v in ck.extra.items()
-                 if k not in ("temperature", "background_logit", "calibration", "holdout", "replay", "fisher",
-                              "continual")}
-    tensors = {k: v for k, v in ck.tensors.items() if not k.startswith("fisher.")}
-    old = IntentEntityModel.load(save_checkpoint(tmp_path / "old.safetensors", tensors, ck.config,
-                                                 ck.tokenizer_sha256, extra=old_extra))
-    assert old.temperature == 1.0 and len(old.holdout) == 0 and len(old.replay) == 0 and old.fisher() == {}
-    assert np.array_equal(old.predict(["when do you open"])[0].intent_probs,
-                          IntentEntityModel.load(tmp_path / "new.safetensors").predict(["when do you open"])[0]
-                          .intent_probs)
+    assert len(off.training.holdout) == 0 and off.temperature == 1.0 and len(off.training.replay) == len(DATA)
 
 
 # ------------------------------------------------------------------ determinism
@@ -212,7 +158,7 @@ def test_same_seed_gives_byte_identical_model_files(checkpoint, tmp_path):
 
 _PRINT_PROBS = """
 import json, sys
-from slm360_rasa.train.finetune import IntentEntityModel
+from slm360_rasa.model import IntentEntityModel
 m = IntentEntityModel.load(sys.argv[1])
 texts = json.loads(sys.argv[2])
 out = []
