@@ -50,7 +50,7 @@ def agent(fp_model):
 @pytest.fixture
 def predict_calls(monkeypatch):
     """Every list of texts handed to the encoder's `predict`, in order."""
-    from slm360_rasa.train.finetune import IntentEntityModel
+    from slm360_rasa.model import IntentEntityModel
 
     calls = []
     real = IntentEntityModel.predict

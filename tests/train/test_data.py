@@ -1,10 +1,12 @@
-"""Data helpers (train/data.py): stratified held-out split, stratified sample, example sets."""
+"""Data helpers (train/data.py): stratified held-out split and stratified sample (and the held-out
+split of `Examples`). `Examples` itself is tested in tests/model/test_examples.py."""
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from slm360_rasa.train.data import Examples, stratified_holdout, stratified_sample
+from slm360_rasa.model.examples import Examples
+from slm360_rasa.train.data import holdout_split, stratified_holdout, stratified_sample
 
 LABELS = ["a"] * 40 + ["b"] * 10 + ["c"] * 3 + ["d"] * 2 + ["e"] * 1 + ["f"] * 24
 RNG_ORDER = np.random.default_rng(0).permutation(len(LABELS))
@@ -58,11 +60,12 @@ def test_sample_keeps_every_label_and_is_seeded():
     assert sum(small.values()) == 3 and small["a"] >= 1
 
 
-def test_examples_round_trip_json_and_drop_extra_entity_keys():
-    ex = Examples.build(["book 4", "hi"], ["book", "greet"],
-                        [[{"start": 5, "end": 6, "entity": "n", "value": "4", "extractor": "x"}], []])
-    assert ex.entities[0] == [{"start": 5, "end": 6, "entity": "n"}]
-    back = Examples.from_json(ex.to_json())
-    assert back == ex and len(back + ex) == 4 and back.subset([1]).texts == ["hi"]
-    with pytest.raises(ValueError, match="differ in length"):
-        Examples(["a"], [], [])
+def test_holdout_split_returns_leaked_texts_to_training():
+    """A held-out example whose text also occurs among the training examples goes back to training."""
+    texts = [f"t{i}" for i in range(10)] + ["dup", "dup"]
+    ex = Examples.build(texts, ["a"] * 6 + ["b"] * 6)
+    _, plain_ho = stratified_holdout(ex.intents, 0.5, 500, seed=1)
+    assert 11 in plain_ho and 10 not in plain_ho  # one "dup" held out, its twin trained on
+    train, held = holdout_split(ex, 0.5, 500, seed=1)
+    assert held.texts == [texts[i] for i in plain_ho if i != 11]
+    assert train.texts == [t for i, t in enumerate(texts) if i not in plain_ho or i == 11]

@@ -1,7 +1,11 @@
-"""Heads (train/heads.py): softmax cross-entropy gradient, BILOU tagging and decoding."""
+"""Training heads (train/heads.py): softmax cross-entropy gradient, BILOU labels (decoded back by the
+served decoder), and the served head computing what the training head does.
+
+The served decoder alone is tested in tests/model/test_model_heads.py."""
 import numpy as np
 import pytest
 
+from slm360_rasa.model import heads as Hd
 from slm360_rasa.nano.tokenizer import NanoTokenizer
 from slm360_rasa.train import heads as H
 
@@ -36,7 +40,7 @@ def test_bilou_round_trip_with_wordpieces():
     ents = [{"start": 17, "end": 18, "entity": "people"},
             {"start": 29, "end": 52, "entity": "restaurant"},
             {"start": 53, "end": 61, "entity": "time"}]
-    tags = H.tag_names(["people", "restaurant", "time"])
+    tags = Hd.tag_names(["people", "restaurant", "time"])
     index = {t: i for i, t in enumerate(tags)}
     b = tok.encode(text)
     n = int(b.lengths[0])
@@ -47,26 +51,10 @@ def test_bilou_round_trip_with_wordpieces():
     probs = np.full((n, len(tags)), 0.01)
     for i, lab in enumerate(labels):
         probs[i, lab if lab != H.IGNORE else 0] = 0.9
-    out = H.decode_bilou(text, b.offsets[0][:n], probs, tags)
+    out = Hd.decode_bilou(text, b.offsets[0][:n], probs, tags)
     assert [(e["start"], e["end"], e["entity"], e["value"]) for e in out] == [
         (17, 18, "people", "4"), (29, 52, "restaurant", "Trattoria Zuccherificio"), (53, 61, "time", "tomorrow")]
     assert all(e["confidence_entity"] == pytest.approx(0.9) for e in out)
-
-
-def test_decode_snaps_partial_words_and_tolerates_bad_sequences():
-    tok = NanoTokenizer.load()
-    text = "fly to zuccherificio"
-    tags = H.tag_names(["city"])
-    b = tok.encode(text)
-    n = int(b.lengths[0])
-    probs = np.zeros((n, len(tags)))
-    probs[:, 0] = 1.0
-    # Only the first word piece of the last word is tagged, with an I- (no B-) tag.
-    first_piece = next(i for i in range(n) if b.offsets[0][i][0] == 7)
-    probs[first_piece] = 0
-    probs[first_piece, tags.index("I-city")] = 1.0
-    out = H.decode_bilou(text, b.offsets[0][:n], probs, tags)
-    assert [(e["value"], e["entity"]) for e in out] == [("zuccherificio", "city")]
 
 
 def test_serving_head_equals_training_head():
@@ -76,6 +64,6 @@ def test_serving_head_equals_training_head():
     p["head.intent.bias"][:] = rng.standard_normal(77).astype(np.float32)
     for n in (1, 19):
         x = rng.standard_normal((n, 256)).astype(np.float32)
-        got = H.linear_head_predict(x, p, "head.intent")
+        got = Hd.linear_head_predict(x, p, "head.intent")
         assert got.shape == (n, 77) and got.dtype == np.float32
         np.testing.assert_allclose(got, H.linear_head_forward(x, p, "head.intent"), rtol=1e-5, atol=1e-5)
