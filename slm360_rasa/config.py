@@ -26,7 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from .checks import check_choice, check_int, check_number, dataclass_from_dict
 from .nano.config import MAX_SEQ_LEN, MIN_SEQ_LEN, PRECISIONS
 
-# Fast-path modes (slm360_rasa/fastpath.py explains each).
+# Fast-path modes (slm360_rasa/model/fastpath.py explains each).
 MODES = ("hybrid", "semantic", "pattern")
 
 

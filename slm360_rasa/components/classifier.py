@@ -41,7 +41,7 @@ FASTPATH_FILE = "fastpath.json"
 class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
     """Fine-tunes SLM360 Nano on the bot's NLU data; predicts intents and entities."""
 
-    # Pattern fast path (slm360_rasa/fastpath.py), built in `train`, restored in `load`;
+    # Pattern fast path (slm360_rasa/model/fastpath.py), built in `train`, restored in `load`;
     # None (a model without one) means no patterns.
     _fastpath = None
 
@@ -68,7 +68,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         self._serving, self._training = from_component_config(config)
 
     def _fastpath_config(self):
-        from ..fastpath import FastPathConfig
+        from ..model.fastpath import FastPathConfig
 
         try:
             return FastPathConfig(mode=self._serving.mode)
@@ -78,7 +78,7 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
     def _build_fastpath(self, training_data: TrainingData):
         """The pattern fast path of this training data: its intent examples (text, intent,
         entities), regex features and lookup tables."""
-        from ..fastpath import FastPath
+        from ..model.fastpath import FastPath
 
         examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
         return FastPath.build([m.get(TEXT) for m in examples], [m.get(INTENT) for m in examples],
@@ -207,9 +207,9 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
 
         In hybrid and pattern mode the fast path looks first; messages it answers fully (exact
         training text, entities known) skip the encoder, the rest go through ONE batched
-        encoder call (none in pattern mode). Arbitration: slm360_rasa/fastpath.py.
+        encoder call (none in pattern mode). Arbitration: slm360_rasa/model/fastpath.py.
         """
-        from ..fastpath import arbitrate, needs_encoder
+        from ..model.fastpath import arbitrate, needs_encoder
 
         if self._model is None or not messages:
             return messages
@@ -271,7 +271,7 @@ def _load_fastpath(path):
     """The fast path persisted at `path`; none (a warning) for models trained before it existed."""
     import json
 
-    from ..fastpath import FastPath
+    from ..model.fastpath import FastPath
 
     if not path.is_file():
         logger.warning(f"SLM360Classifier: no {FASTPATH_FILE} in the trained model (trained by an older "

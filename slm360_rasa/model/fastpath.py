@@ -5,12 +5,7 @@ The fast path answers those from a lookup table without running the encoder, and
 bot's own regexes and lookup tables vote on an intent where the training data shows that
 they identify one. No Rasa import: plain Python + numpy, usable from scripts.
 
-Normalisation (`normalize`): per character cluster (a starter plus its combining marks):
-NFKC, casefold; punctuation (Unicode category P*), control and format characters (Cc, Cf)
-and whitespace become one space; runs of spaces collapse; the ends are stripped.
-"Book a table, please!" and "book a table please" normalise to the same string. Every
-normalised character remembers the span of the original cluster it came from (casefold may
-turn one character into two: 'ß' -> 'ss'), so entity offsets map back to the caller's text.
+Normalisation: model/normalize.py (case, punctuation and Unicode folded, offsets kept).
 
 Patterns (`FastPath.build`):
   * exact: the normalised text of a training example. A normalised text seen under two or
@@ -57,128 +52,21 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-logger = logging.getLogger("slm360_rasa")
+from ..config import MODES
+from .normalize import SEP, normalize, normalize_ascii, normalize_spans
+
+logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "slm360-fastpath"
 FORMAT_VERSION = 1
-MODES = ("hybrid", "semantic", "pattern")
 SOURCES = ("exact", "regex", "lookup")
 EXACT_CONFIDENCE = 1.0
 ENTITY_EXTRA_KEYS = ("role", "group")  # Rasa entity fields kept beside entity/start/end
-
-# ASCII needs no NFKC or casefold work; precomputing its fold keeps the common case cheap
-# (the fast path must cost microseconds next to the encoder's milliseconds).
-_SEP = " "
-_ASCII_FOLD = []
-for _i in range(128):
-    _c = chr(_i)
-    _cat = unicodedata.category(_c)
-    _ASCII_FOLD.append(_SEP if (_c.isspace() or _cat[0] == "P" or _cat in ("Cc", "Cf")) else _c.lower())
-del _i, _c, _cat
-# The same fold as a str.translate table: for pure-ASCII text (most bot traffic) `match`
-# normalises at C speed and builds the per-character spans only when a hit needs them.
-_ASCII_TABLE = {i: f for i, f in enumerate(_ASCII_FOLD)}
-
-
-_WORD = re.compile("[^ ]+")
-
-
-def _normalize_ascii(text: str) -> str:
-    """`_normalize_spans(text)[0]` for an ASCII `text`, without the spans."""
-    return _SEP.join(text.translate(_ASCII_TABLE).split())
-
-
-def _normalize_ascii_spans(text: str) -> Tuple[str, List[int], List[int]]:
-    """`_normalize_spans_general(text)` for an ASCII `text`: every character is its own
-    cluster and folds to one character, so the spans follow from the runs of non-separators
-    (a run's separator maps to the first separator character after the previous run)."""
-    starts: List[int] = []
-    words: List[str] = []
-    prev_end = -1
-    for m in _WORD.finditer(text.translate(_ASCII_TABLE)):
-        if words:
-            starts.append(prev_end)
-        words.append(m.group())
-        starts.extend(range(m.start(), m.end()))
-        prev_end = m.end()
-    return _SEP.join(words), starts, [s + 1 for s in starts]
-
-
-def _is_separator(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return ch.isspace() or cat[0] == "P" or cat in ("Cc", "Cf")
-
-
-def _normalize_spans(text: str) -> Tuple[str, List[int], List[int]]:
-    """`normalize` plus the end (exclusive) in the original text of each normalised char's cluster."""
-    # Most bot traffic and training data is ASCII: C-speed translate + regex instead of a
-    # Python loop per character.
-    return _normalize_ascii_spans(text) if text.isascii() else _normalize_spans_general(text)
-
-
-def _normalize_spans_general(text: str) -> Tuple[str, List[int], List[int]]:
-    """`_normalize_spans` for any text: one character cluster at a time."""
-    out: List[str] = []
-    starts: List[int] = []
-    ends: List[int] = []
-    n = len(text)
-    i = 0
-
-    def emit(chars: str, a: int, b: int) -> None:
-        for ch in chars:
-            o = ord(ch)
-            if (_ASCII_FOLD[o] == _SEP) if o < 128 else _is_separator(ch):
-                # Collapse separator runs; never lead with one (stripping).
-                if out and out[-1] != _SEP:
-                    out.append(_SEP)
-                    starts.append(a)
-                    ends.append(b)
-            else:
-                out.append(ch)
-                starts.append(a)
-                ends.append(b)
-
-    while i < n:
-        ch = text[i]
-        o = ord(ch)
-        if o < 128 and (i + 1 == n or ord(text[i + 1]) < 128):
-            emit(_ASCII_FOLD[o], i, i + 1)
-            i += 1
-            continue
-        # A cluster = a starter and the combining marks after it, normalised together so
-        # 'e' + U+0301 becomes 'é' exactly as the precomposed character does.
-        j = i + 1
-        while j < n and unicodedata.combining(text[j]):
-            j += 1
-        cluster = unicodedata.normalize("NFKC", text[i:j]).casefold()
-        emit(unicodedata.normalize("NFKC", cluster), i, j)
-        i = j
-    if out and out[-1] == _SEP:
-        out.pop()
-        starts.pop()
-        ends.pop()
-    return "".join(out), starts, ends
-
-
-def normalize(text: str) -> Tuple[str, List[int]]:
-    """Normalised text and, for each of its characters, its position in `text`.
-
-    NFKC + casefold per character cluster; punctuation, control/format characters and
-    whitespace fold to single spaces; stripped. `index[i]` is where normalised character i
-    starts in `text` (several normalised characters may share one: 'ß' -> 'ss').
-    Non-string input normalises to ("", []).
-    """
-    if not isinstance(text, str):
-        return "", []
-    norm, starts, _ = _normalize_spans(text)
-    return norm, starts
-
 
 @dataclass(frozen=True)
 class FastPathConfig:
@@ -299,7 +187,7 @@ class FastPath:
         for i, (text, intent) in enumerate(zip(texts, intents)):
             if not isinstance(text, str) or not isinstance(intent, str) or not intent:
                 continue
-            norm, starts, ends = _normalize_spans(text)
+            norm, starts, ends = normalize_spans(text)
             examples.append((text, norm, intent))
             if not norm:
                 continue  # nothing readable: matching it would catch every empty message
@@ -362,9 +250,9 @@ class FastPath:
             return None
         starts = ends = None
         if text.isascii():
-            norm = _normalize_ascii(text)
+            norm = normalize_ascii(text)
         else:
-            norm, starts, ends = _normalize_spans(text)
+            norm, starts, ends = normalize_spans(text)
         if not norm:
             return None
         exact = self.exact.get(norm)
@@ -372,7 +260,7 @@ class FastPath:
             ents = None
             if exact.entities is not None:
                 if starts is None and exact.entities:
-                    _, starts, ends = _normalize_spans(text)
+                    _, starts, ends = normalize_spans(text)
                 ents = []
                 for s, e, entity, extra in exact.entities:
                     a, b = starts[s], ends[e - 1]
@@ -508,7 +396,7 @@ def _to_norm_entities(ents: Optional[Sequence[Mapping]], norm: str, starts: List
         except (KeyError, TypeError, ValueError):
             return None
         # Punctuation at the span's edges folded to a space: it is not part of the value.
-        inside = [i for i in range(len(starts)) if starts[i] >= s and ends[i] <= t and norm[i] != _SEP]
+        inside = [i for i in range(len(starts)) if starts[i] >= s and ends[i] <= t and norm[i] != SEP]
         if not isinstance(label, str) or not inside:
             return None
         ns, ne = inside[0], inside[-1] + 1

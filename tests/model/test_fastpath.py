@@ -1,16 +1,15 @@
-"""The pattern fast path: normalisation with offsets, pattern learning, arbitration, JSON, bad input."""
+"""The pattern fast path (model/fastpath.py): pattern learning, arbitration, JSON, bad input."""
 import json
 import logging
-import unicodedata
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slm360_rasa import fastpath as FP
-from slm360_rasa.fastpath import (EXACT_CONFIDENCE, FORMAT_NAME, FORMAT_VERSION, FastPath, FastPathConfig,
-                                  FastPathHit, arbitrate, normalize)
+from slm360_rasa.model.fastpath import (EXACT_CONFIDENCE, FORMAT_NAME, FORMAT_VERSION, FastPath, FastPathConfig,
+                                        FastPathHit, arbitrate)
+from slm360_rasa.model.normalize import normalize
 
 BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا", "Привет",
        "\u0301\u0301", "\ud800", None, 42]
@@ -18,59 +17,11 @@ BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好�
 INTENTS = ["book", "greet", "hours"]
 
 
-# ---------------------------------------------------------------------- normalize
-
-def test_normalize_folds_case_punctuation_and_whitespace():
-    assert normalize("Book a TABLE,   please!!")[0] == "book a table please"
-    assert normalize("  ¿Qué?  ")[0] == "qué"
-    assert normalize("tab\there\nnew\u00a0line")[0] == "tab here new line"
-    # Full-width forms (NFKC) and the precomposed vs combining spelling of é are one text.
-    assert normalize("ＨＥＬＬＯ！")[0] == "hello"
-    assert normalize("cafe\u0301")[0] == normalize("café")[0] == "café"
-    # Symbols are not punctuation: prices and emoji stay.
-    assert normalize("$5 🙂")[0] == "$5 🙂"
-
-
-def test_normalize_index_points_into_the_original_text():
-    text = "Hi,  THERE!"
-    norm, index = normalize(text)
-    assert norm == "hi there"
-    assert index == [0, 1, 2, 5, 6, 7, 8, 9]
-    for ch, i in zip(norm, index):
-        assert ch == " " or text[i].lower() == ch
-
-
-def test_normalize_index_handles_casefold_growing_the_text():
-    # 'ß' casefolds to 'ss': two normalised characters come from one original character.
-    norm, index = normalize("Straße!")
-    assert norm == "strasse"
-    assert index == [0, 1, 2, 3, 4, 4, 5]
-    norm, index = normalize("ﬁne")  # the ligature is one character, NFKC gives two
-    assert norm == "fine" and index == [0, 0, 1, 2]
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60))
-def test_normalize_invariants_on_any_text(text):
-    norm, index = normalize(text)
-    assert len(norm) == len(index)
-    assert norm == norm.strip() and "  " not in norm
-    assert index == sorted(index) and all(0 <= i < len(text) for i in index)
-    assert not any(unicodedata.category(c)[0] == "P" for c in norm)
-
-
 # ---------------------------------------------------------------------- exact patterns
 
 def _entity(text, value, label, **extra):
     s = text.index(value)
     return {"start": s, "end": s + len(value), "value": value, "entity": label, **extra}
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=60))
-def test_ascii_fast_normalisation_equals_the_general_one(text):
-    assert FP._normalize_ascii(text) == FP._normalize_spans_general(text)[0]
-    assert FP._normalize_ascii_spans(text) == FP._normalize_spans_general(text)
 
 
 def test_exact_hit_maps_entities_to_the_callers_text():
@@ -359,7 +310,7 @@ def test_empty_fast_path_matches_nothing():
 
 
 def test_needs_encoder_per_mode():
-    from slm360_rasa.fastpath import needs_encoder
+    from slm360_rasa.model.fastpath import needs_encoder
 
     unknown_entities = FastPathHit("book", "exact", 1.0, None, "x")
     assert needs_encoder(EXACT, "semantic", True) and not needs_encoder(None, "pattern", True)
