@@ -31,7 +31,7 @@ tokenizer: $(PY)  ## retrain nano/assets/tokenizer.json from the corpus (CORPUS=
 	$(PY) -m slm360_rasa.cli tokenizer $(if $(CORPUS),--corpus $(CORPUS),)
 
 bench: $(PY)  ## encoder latency / throughput / size benchmark
-	$(PY) benchmarks/bench_encoder.py
+	$(PY) -m benchmarks.bench_encoder
 
 bot: $(PY)  ## train the example restaurant bot (example_bot/) and chat with it in the terminal
 	cd example_bot && $(abspath $(VENV))/bin/rasa train --out models

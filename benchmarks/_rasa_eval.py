@@ -1,7 +1,7 @@
-#!/usr/bin/env python
 """Serve a trained Rasa NLU model in this (fresh) process and parse messages one by one.
 
-Run by benchmarks/compare.py in a new subprocess per model, so import, load and memory
+Run by benchmarks/compare.py (and continual.py's DIET anchor) in a new subprocess per model,
+as `python -m benchmarks._rasa_eval` (`command()` builds that line), so import, load and memory
 figures are those of a process that serves only this model, as `rasa run` would:
 
   1. import Rasa, then `rasa.core.agent.Agent.load(model)` (timed: load_s);
@@ -27,6 +27,15 @@ from pathlib import Path
 # Entries of intent_ranking kept per message: the top non-fallback intent is at most one
 # below nlu_fallback, the rest is context for error analysis.
 RANKING_KEPT = 5
+WARMUP_MESSAGES = 10  # untimed parses before the timed ones, in every evaluation
+
+
+def command(model: Path, texts: Path, out: Path) -> list:
+    """The command line that evaluates `model` on `texts` into `out` in a fresh process. It runs
+    this module with `-m`, so the child's environment must put the repository on PYTHONPATH
+    (`benchmarks.monitor.child_env` does) whatever its working directory."""
+    return [sys.executable, "-m", "benchmarks._rasa_eval", "--model", str(model), "--texts", str(texts),
+            "--out", str(out)]
 
 
 def _rss_mb() -> float:
@@ -107,14 +116,15 @@ def evaluate(model: Path, texts: list, warmup: list) -> dict:
 
 def main(argv=None) -> int:
     """Command line entry point; see the module docstring."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks._rasa_eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="trained Rasa model archive (.tar.gz)")
     ap.add_argument("--texts", required=True, type=Path, help='JSON file {"texts": [...], "warmup": [...]}')
     ap.add_argument("--out", required=True, type=Path, help="where to write the raw results (JSON)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
     if not args.model.is_file():
-        ap.error(f"--model {args.model}: no such file; train the model first (benchmarks/compare.py does)")
+        ap.error(f"--model {args.model}: no such file; train the model first (python -m benchmarks.compare does)")
     try:
         spec = json.loads(args.texts.read_text(encoding="utf-8"))
         texts, warmup = list(spec["texts"]), list(spec.get("warmup", []))
@@ -123,10 +133,10 @@ def main(argv=None) -> int:
     if not all(isinstance(t, str) for t in texts + warmup):
         ap.error(f"--texts {args.texts}: every text must be a string")
     raw = evaluate(args.model, texts, warmup)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(raw), encoding="utf-8")
-    tmp.replace(args.out)
+    # Imported only now: the memory figures above are of a process holding Rasa and the model alone.
+    from slm360_rasa.fileio import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(raw))
     print(f"parsed {len(texts)} texts: load {raw['load_s']} s, peak RSS {raw['serve_peak_rss_mb']} MB", file=sys.stderr)
     return 0
 

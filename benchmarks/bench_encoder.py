@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Encoder benchmark: latency, throughput, compile time and weight size of SLM360 Nano.
 
 Compares, in one run on one machine, the numpy reference (nano/model.py), the numba f32
@@ -11,13 +10,14 @@ runtime and the numba INT4 runtime on real utterances from the corpus:
 
 Prints a table and writes JSON to benchmarks/results/bench_encoder.json.
 Speed figures are ratios measured in one run: absolute numbers vary with the machine's load.
+
+Run from the repository root: python -m benchmarks.bench_encoder (or `make bench`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,24 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def machine() -> dict:
-    """CPU model, core count, Python / numpy / numba versions."""
-    import numba
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "numba_threads": numba.config.NUMBA_NUM_THREADS}
+from benchmarks import ROOT, SHARED
+from benchmarks.machine import compact
+from benchmarks.monitor import repo_env
 
 
 def load_utterances(path: Path, n: int, seed: int) -> list:
@@ -132,10 +117,10 @@ def reference_params(checkpoint: str, cfg) -> dict:
     return float_params(load_checkpoint(checkpoint).tensors, cfg)
 
 
+# Run with the repository on PYTHONPATH (`repo_env`): the working tree's encoder is timed.
 CHILD = r"""
-import sys, time, json
+import time, json
 t0 = time.perf_counter()
-sys.path.insert(0, {root!r})
 from slm360_rasa.nano import Encoder
 import_s = time.perf_counter() - t0
 enc = {ctor}
@@ -151,10 +136,10 @@ def compile_times(precision: str, checkpoint: str) -> dict:
     ctor = {"random": f"Encoder.random(seed=0, precision={precision!r})",
             "pretrained": f"Encoder.pretrained(precision={precision!r})"}.get(
         checkpoint, f"Encoder.from_checkpoint({checkpoint!r}, precision={precision!r})")
-    code = CHILD.format(root=str(ROOT), ctor=ctor)
+    code = CHILD.format(ctor=ctor)
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env = repo_env(dict(os.environ, NUMBA_CACHE_DIR=cache))
         for label in ("cold_cache", "warm_cache"):
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             if r.returncode != 0:
@@ -165,8 +150,9 @@ def compile_times(precision: str, checkpoint: str) -> dict:
 
 def main(argv=None) -> int:
     """Entry point; see --help."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default=os.environ.get("SLM360_CORPUS", str(ROOT.parent / "shared/corpus/utterances.txt")),
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_encoder", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default=os.environ.get("SLM360_CORPUS", str(SHARED / "corpus" / "utterances.txt")),
                     help="utterances, one per line (default: ../shared/corpus/utterances.txt)")
     ap.add_argument("--checkpoint", default="auto",
                     help="'pretrained', 'random', a checkpoint path, or 'auto' (pretrained if shipped, else random)")
@@ -189,7 +175,7 @@ def main(argv=None) -> int:
     texts = load_utterances(Path(args.corpus), args.n_latency, args.seed)
     batch_texts = load_utterances(Path(args.corpus), args.n_batch, args.seed + 1)
 
-    res = {"machine": machine(), "checkpoint": checkpoint, "n_latency": len(texts), "n_batch": len(batch_texts)}
+    res = {"machine": compact(), "checkpoint": checkpoint, "n_latency": len(texts), "n_batch": len(batch_texts)}
     f32 = bench_numba("f32", checkpoint, texts, batch_texts, args.warmup)
     q4 = bench_numba("int4", checkpoint, texts, batch_texts, args.warmup)
     systems = {"numba f32": f32, "numba int4": q4}

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Continual learning experiment (issue #7): does EWC + replay forget less than plain finetuning?
 
 Protocol, on one dataset (default Banking77), seeded:
@@ -6,7 +5,7 @@ Protocol, on one dataset (default Banking77), seeded:
   1. Split the train split in two halves by example, stratified by intent (same label set in
      both, as Rasa's finetune validator requires). From half B, hold out a stratified 10%
      (30% in the skewed protocol; at most 500; --b-heldout-share) that no model trains on: "B held-out".
-  2. Train SLM360 on half A (`IntentEntityModel.fit`; it holds out its own stratified
+  2. Train SLM360 on half A (`Trainer.fit`; it holds out its own stratified
      examples of A, never trained on: "A held-out", the guard set).
   3. Update the half-A model on the rest of half B, for `--finetune-epoch-fraction` of the
      epochs (like `rasa train --finetune --epoch-fraction`), in two ways:
@@ -43,6 +42,10 @@ One seed moves the held-out accuracies by single examples, as large as the effec
 Runs with other --seed values are kept beside the default one (continual_<dataset>_seed<N>),
 and from two seeds on, continual_<dataset>_across_seeds.md pools them: per-seed figures, means,
 and the target checked on the means.
+
+Examples (from the repository root):
+  python -m benchmarks.continual --systems slm360,diet     # plain vs EWC + replay vs DIET
+  python -m benchmarks.continual --protocol skewed         # the same with an update focused on a few intents
 """
 from __future__ import annotations
 
@@ -57,27 +60,25 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
-
-import compare as C  # noqa: E402  (sibling module: dataset loading, machine description)
+from benchmarks import BENCH_DIR, ROOT, CompareError, monitor, say
+from benchmarks.continual_diet import run_diet
+from benchmarks.datasets import DEFAULT_DATA_DIR, load_dataset, quick_subsample
+from benchmarks.machine import machine_description
 
 DEFAULT_WORK = ROOT / "runs" / "continual"
 DEFAULT_SEED = 42  # results of other seeds get a _seed<N> suffix
-RESULTS = HERE / "results"
+RESULTS = BENCH_DIR / "results"
 
 
 def _examples(rows):
-    from slm360_rasa.train.data import Examples
+    from slm360_rasa.model.examples import Examples
 
     return Examples.build([r.text for r in rows], [r.intent for r in rows],
                           [[{"start": s, "end": e, "entity": lab} for s, e, lab in r.entities] for r in rows])
 
 
 def split_halves(train, seed: int):
-    """(half A, half B) of `train` (a list of compare.Example), stratified by intent."""
+    """(half A, half B) of `train` (a list of benchmarks.datasets.Example), stratified by intent."""
     from slm360_rasa.train.data import stratified_sample
 
     a = set(stratified_sample([r.intent for r in train], len(train) // 2, [seed, 7]).tolist())
@@ -86,7 +87,7 @@ def split_halves(train, seed: int):
     labels = {r.intent for r in train}
     missing = sorted((labels - {r.intent for r in half_a}) | (labels - {r.intent for r in half_b}))
     if missing:
-        raise C.CompareError(f"intents {missing[:5]} have too few examples to appear in both halves")
+        raise CompareError(f"intents {missing[:5]} have too few examples to appear in both halves")
     return half_a, half_b
 
 
@@ -177,13 +178,16 @@ def _recipe_hash(ds, args) -> str:
 
 def run(args) -> dict:
     """The whole experiment; returns the result dict (also written to disk)."""
-    from slm360_rasa.train.continual import ContinualLearner
-    from slm360_rasa.train.data import Examples, holdout_split
-    from slm360_rasa.train.finetune import FinetuneConfig, IntentEntityModel
+    from slm360_rasa.config import FinetuneConfig
+    from slm360_rasa.model import IntentEntityModel
+    from slm360_rasa.model.examples import Examples
+    from slm360_rasa.train.continual import ContinualLearner, remember
+    from slm360_rasa.train.data import holdout_split
+    from slm360_rasa.train.trainer import Trainer, start_model
 
-    ds = C.load_dataset(args.data_dir, args.dataset)
+    ds = load_dataset(args.data_dir, args.dataset)
     if args.quick:
-        ds = C.quick_subsample(ds, n_intents=4, per_intent=24, n_test=24)
+        ds = quick_subsample(ds, n_intents=4, per_intent=24, n_test=24)
     half_a, half_b = split_halves(ds.train, args.seed)
     focus = None
     if args.protocol == "skewed":
@@ -200,23 +204,28 @@ def run(args) -> dict:
     t0 = time.time()
     if path_a.is_file():
         _say(f"half-A model exists, reused: {path_a}")
-        model_a = IntentEntityModel.load(path_a)
+        model_a = IntentEntityModel.load(path_a, training=True)
         time_a = json.loads(path_a.with_suffix(".json").read_text())["train_s"]
     else:
         _say(f"training on half A ({len(half_a)} examples, {args.epochs} epochs) ...")
         a = _examples(half_a)
-        model_a = IntentEntityModel.from_pretrained(cfg, checkpoint=args.checkpoint)
-        model_a.fit(a.texts, a.intents, a.entities, progress=not args.no_progress)
+        model_a, params = start_model(cfg, checkpoint=args.checkpoint)
+        trainer = Trainer(model_a, cfg, params)
+        trainer.fit(a.texts, a.intents, a.entities, progress=not args.no_progress)
+        remember(trainer)
         time_a = round(time.time() - t0, 1)
         model_a.save(path_a)
         path_a.with_suffix(".json").write_text(json.dumps({"train_s": time_a}))
-    a_hold = model_a.holdout
+    a_hold = model_a.training.holdout
     sets = {"a_heldout": a_hold, "b_heldout": b_hold, "test": test}
     before = evaluate(model_a, sets)
     _say(f"half-A model: {before}")
     # The anchor first: its two `rasa train nlu` runs take hours and are saved as they finish,
     # while the SLM360 updates below take minutes and are recomputed bit-identically on a rerun.
     diet = run_diet(ds, args, work, _examples(half_a), a_hold, b_train, sets) if "diet" in args.systems else None
+    if diet is not None:
+        diet.update(forgetting_a=_diff(diet["before"]["a_heldout"], diet["after"]["a_heldout"]),
+                    gain_b=_diff(diet["after"]["b_heldout"], diet["before"]["b_heldout"]))
     epochs_b = max(1, round(args.epochs * args.finetune_epoch_fraction))
     variants: List[dict] = []
     plans = [("plain", None, None)] + [("ewc_replay", lam, ratio) for ratio in args.replay_ratio
@@ -224,12 +233,12 @@ def run(args) -> dict:
     for name, lam, ratio in plans:
         t1 = time.time()
         if name == "plain":
-            prev = model_a.clone()
-            prev.replay = Examples()  # nothing replayed
+            prev = model_a.copy()
+            prev.training.replay = Examples()  # nothing replayed
             learner = ContinualLearner(prev, epochs=epochs_b, ewc_lambda=0.0, max_forgetting=None,
                                        holdout_fraction=0.0)
         else:
-            learner = ContinualLearner(model_a.clone(), epochs=epochs_b, ewc_lambda=float(lam),
+            learner = ContinualLearner(model_a.copy(), epochs=epochs_b, ewc_lambda=float(lam),
                                        replay_ratio=ratio, holdout_fraction=0.0)
         tag = "" if lam is None else f" (lambda {lam:g}, replay ratio {_ratio_text(ratio)})"
         _say(f"{name}{tag}: updating on {len(b_train)} examples of half B "
@@ -251,7 +260,7 @@ def run(args) -> dict:
         "protocol": args.protocol, "b_heldout_share": args.b_heldout_share,
         "skew": None if focus is None else {"focus_share": args.focus_share, "rest": args.skew_rest,
                                             "focus_intents": focus},
-        "machine": C.machine_description(),
+        "machine": machine_description(),
         "split": {"half_a": len(half_a), "half_b": len(half_b), "b_train": len(b_train), "b_heldout": len(b_hold),
                   "a_heldout": len(a_hold), "test": len(test)},
         "half_a_model": {"epochs": args.epochs, "train_s": time_a, "accuracy": before},
@@ -311,7 +320,7 @@ def seed_summary(out_dir: Path, dataset: str, protocol: str, quick: bool) -> Opt
     def recipe(r):
         return (r["half_a_model"]["epochs"], sorted({v["epochs"] for v in r["variants"]}), r.get("b_heldout_share"))
     if len({json.dumps(recipe(r)) for r in runs}) > 1:
-        raise C.CompareError(f"{out_dir}: the {base} runs of seeds {[r['seed'] for r in runs]} differ in epochs or "
+        raise CompareError(f"{out_dir}: the {base} runs of seeds {[r['seed'] for r in runs]} differ in epochs or "
                              "B held-out share; re-run them with the same options before pooling")
     common = [_variant_key(v) for v in runs[0]["variants"]
               if all(any(_variant_key(w) == _variant_key(v) for w in r["variants"]) for r in runs[1:])]
@@ -373,93 +382,6 @@ def seed_markdown(s: dict) -> str:
     return "\n".join(L)
 
 
-def _to_rows(ex) -> list:
-    return [C.Example(t, i, [(e["start"], e["end"], e["entity"]) for e in ents])
-            for t, i, ents in zip(ex.texts, ex.intents, ex.entities)]
-
-
-def _diet_accuracy(raw_path: Path, sets: Dict[str, object]) -> Dict[str, Optional[float]]:
-    import _metrics as M
-
-    raw = json.loads(raw_path.read_text(encoding="utf-8"))["results"]
-    out, pos = {}, 0
-    for name, ex in sets.items():
-        pred = [C.top_intent(r)[0] for r in raw[pos:pos + len(ex)]]
-        pos += len(ex)
-        out[name] = round(M.accuracy(list(ex.intents), pred), 6) if len(ex) else None
-    return out
-
-
-def run_diet(ds, args, work: Path, half_a, a_hold, b_train, sets) -> dict:
-    """DIET (default pipeline) trained on half A less A held-out, then `--finetune` on B."""
-    import yaml
-
-    wdir = work / "diet"
-    wdir.mkdir(parents=True, exist_ok=True)
-    env = C.child_env(wdir)
-    cfg, _ = C.build_config("diet", bool(args.quick), {}, {"epochs": args.diet_epochs} if args.diet_epochs else {}, {})
-    config = wdir / "config.yml"
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    held = set(zip(a_hold.texts, a_hold.intents))
-    a_rows = [r for r in _to_rows(half_a) if (r.text, r.intent) not in held]
-    nlu_a = C.write_nlu_yaml(a_rows, wdir / "half_a.yml")
-    nlu_b = C.write_nlu_yaml(_to_rows(b_train), wdir / "b_train.yml")
-    texts = [t for ex in sets.values() for t in ex.texts]
-    texts_path = wdir / "eval_texts.json"
-    texts_path.write_text(json.dumps({"texts": texts, "warmup": texts[:C.WARMUP_MESSAGES]}), encoding="utf-8")
-
-    # Each finished training is recorded with a key of everything it used, so a rerun (another
-    # sitting, or the other --protocol: same half A) skips it and only evaluates again where the
-    # evaluation sets changed. DIET's half-A training alone takes over an hour on 2 cores.
-    state_path = wdir / "steps.json"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        state = {}
-
-    def train(name, nlu, extra, depends=""):
-        archive = wdir / "models" / f"{name}.tar.gz"
-        key = hashlib.sha256("\0".join([config.read_text(encoding="utf-8"), Path(nlu).read_text(encoding="utf-8"),
-                                         json.dumps(extra), depends]).encode()).hexdigest()
-        eval_key = hashlib.sha256((key + texts_path.read_text(encoding="utf-8")).encode()).hexdigest()
-        done = state.get(name)
-        if done and done.get("key") == key and archive.is_file():
-            _say(f"DIET {name}: trained in an earlier run, reused ({archive})")
-            wall = done["wall_s"]
-            if done.get("eval_key") == eval_key:
-                return archive, wall, done["accuracy"], key
-        else:
-            cmd = [sys.executable, "-m", "rasa", "train", "nlu", "--config", str(config), "--nlu", str(nlu),
-                   "--out", str(archive.parent), "--fixed-model-name", archive.name] + extra
-            _say(f"DIET {name}: rasa train nlu {' '.join(extra)} ...")
-            r = C.run_monitored(cmd, wdir / f"{name}.train.log", env, wdir)
-            if r["rc"] != 0 or not archive.is_file():
-                raise C.CompareError(f"DIET {name}: rasa train nlu failed (rc={r['rc']}); "
-                                     f"log: {wdir / (name + '.train.log')}")
-            wall = r["wall_s"]
-            state[name] = {"key": key, "wall_s": wall}
-            state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        raw = wdir / f"{name}.eval.json"
-        ev = C.run_monitored([sys.executable, str(HERE / "_rasa_eval.py"), "--model", str(archive), "--texts",
-                              str(texts_path), "--out", str(raw)], wdir / f"{name}.eval.log", env, wdir)
-        if ev["rc"] != 0:
-            raise C.CompareError(f"DIET {name}: evaluation failed; log: {wdir / (name + '.eval.log')}")
-        accuracy = _diet_accuracy(raw, sets)
-        state[name].update(eval_key=eval_key, accuracy=accuracy)
-        state_path.write_text(json.dumps(state, indent=1), encoding="utf-8")
-        return archive, wall, accuracy, key
-
-    archive_a, wall_a, before, key_a = train("half_a", nlu_a, [])
-    _, wall_b, after, _ = train("finetune_b", nlu_b, ["--finetune", str(archive_a), "--epoch-fraction",
-                                                      str(args.finetune_epoch_fraction)], depends=key_a)
-    rec = {"epochs": cfg["pipeline"][[c["name"] for c in cfg["pipeline"]].index("DIETClassifier")]["epochs"],
-           "epoch_fraction": args.finetune_epoch_fraction, "n_half_a_trained": len(a_rows), "train_s": wall_a,
-           "finetune_s": wall_b, "before": before, "after": after,
-           "forgetting_a": _diff(before["a_heldout"], after["a_heldout"]),
-           "gain_b": _diff(after["b_heldout"], before["b_heldout"])}
-    _say(f"DIET: before {before}, after finetune {after}")
-    return rec
-
 
 def _verdict(sel: dict, how: str) -> str:
     """One sentence: the EWC + replay setting `how` chose, and issue #7's target against it."""
@@ -519,13 +441,14 @@ def markdown(r: dict) -> str:
 
 
 def _say(msg: str) -> None:
-    print(f"[continual {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    say("continual", msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (see --help)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA_DIR, help="folder of dataset folders")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of dataset folders")
     ap.add_argument("--dataset", default="banking77", help="dataset folder name (default banking77)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs of the half-A model (default 10)")
     ap.add_argument("--finetune-epoch-fraction", type=float, default=0.5,
@@ -592,10 +515,10 @@ def main(argv=None) -> int:
         raise SystemExit("error: --ewc-lambda must be >= 0")
     os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
     # As compare.py: `kill` ends the DIET training this started (in its own session) too.
-    previous = signal.signal(signal.SIGTERM, C._exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, monitor.exit_on_sigterm)
     try:
         run(args)
-    except C.CompareError as e:
+    except CompareError as e:
         raise SystemExit(f"error: {e}")
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Frozen-encoder evaluation: logistic regression on sentence embeddings (DESIGN.md section 4).
 
 For each encoder (the teacher all-MiniLM-L6-v2, the pretrained student in f32 and INT4, and a
@@ -8,6 +7,8 @@ Also reports the mean cosine between the student's projected embedding and the t
 the pretraining run's held-out corpus lines, when the run folder is given.
 
 Writes benchmarks/results/eval_embeddings.json and eval_embeddings.md.
+
+Run from the repository root: python -m benchmarks.eval_embeddings [--no-teacher] [--run-dir DIR]
 """
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import ROOT, CompareError
+from benchmarks.datasets import DEFAULT_DATA_DIR, load_jsonl
 
 
 def read_split(data_dir: Path, dataset: str, split: str):
-    """(texts, intents) of a jsonl split."""
-    path = data_dir / dataset / f"{split}.jsonl"
-    if not path.is_file():
-        sys.exit(f"error: dataset file not found: {path}; pass --data-dir")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["text"] for r in rows], [r["intent"] for r in rows]
+    """(texts, intents) of a jsonl split (every line validated); a missing or bad file exits
+    with a message naming it."""
+    try:
+        rows = load_jsonl(data_dir / dataset / f"{split}.jsonl")
+    except CompareError as e:
+        sys.exit(f"error: {e}; pass --data-dir")
+    return [r.text for r in rows], [r.intent for r in rows]
 
 
 def logreg_accuracy(train_x, train_y, test_x, test_y, C: float = 10.0) -> float:
@@ -67,8 +69,9 @@ def encoders(checkpoint: str, with_teacher: bool):
 
 def main(argv=None) -> int:
     """Entry point; see --help."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=os.environ.get("SLM360_DATA", str(ROOT.parent / "shared/datasets")),
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.eval_embeddings", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("SLM360_DATA", str(DEFAULT_DATA_DIR)),
                     help="folder with banking77/ and clinc150/ jsonl splits (default ../shared/datasets)")
     ap.add_argument("--checkpoint", default="pretrained", help="student checkpoint path or 'pretrained'")
     ap.add_argument("--datasets", default="banking77,clinc150")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """SLM360Classifier's three modes (hybrid, semantic, pattern) on one dataset's test split.
 
 Loads the classifier's persisted files from a trained Rasa model archive (or a bare
@@ -16,10 +15,10 @@ train.jsonl (the data such a model was trained on) and the output says so.
 
 Prints a Markdown table; writes benchmarks/results/fastpath_modes_<dataset>.{json,md}.
 
-Examples:
-  benchmarks/fastpath_modes.py --model runs/compare/banking77__slm360/models/banking77__slm360.tar.gz \\
-      --dataset banking77
-  benchmarks/fastpath_modes.py --model model.tar.gz --dataset snips --limit 100   # smoke run
+Examples (from the repository root):
+  python -m benchmarks.fastpath_modes \\
+      --model runs/compare/banking77__slm360/models/banking77__slm360.tar.gz --dataset banking77
+  python -m benchmarks.fastpath_modes --model model.tar.gz --dataset snips --limit 100   # smoke run
 
 Timings are ratios measured in one run on one machine (written beside the table).
 """
@@ -37,10 +36,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
+from benchmarks import BENCH_DIR, ROOT, CompareError
+from benchmarks.datasets import DEFAULT_DATA_DIR, load_jsonl
+from benchmarks.machine import compact
+from benchmarks.metrics import accuracy, macro_f1
 
 MODEL_FILE = "slm360_classifier.safetensors"  # = components.classifier.MODEL_FILE (no Rasa import here)
 FASTPATH_FILE = "fastpath.json"
@@ -48,10 +47,8 @@ MODES = ("hybrid", "semantic", "pattern")
 
 
 def read_jsonl(path: Path):
-    """The examples of a JSON Lines split (compare.load_jsonl: every line validated); a
-    missing or bad file exits with a message naming it and the fix."""
-    from compare import CompareError, load_jsonl
-
+    """The examples of a JSON Lines split (benchmarks.datasets.load_jsonl: every line validated);
+    a missing or bad file exits with a message naming it and the fix."""
     if not path.is_file():
         sys.exit(f"error: {path} not found; pass --dataset NAME with --data-dir DIR, or --dataset FOLDER "
                  "holding train.jsonl and test.jsonl")
@@ -98,7 +95,7 @@ def find_model_files(model: Path, workdir: Path) -> Tuple[Path, Optional[Path]]:
 
 def load_fastpath(path: Optional[Path], train_rows: Sequence):
     """(FastPath, how it was obtained): the persisted one, or rebuilt from train.jsonl."""
-    from slm360_rasa.fastpath import FastPath
+    from slm360_rasa.model.fastpath import FastPath
 
     if path is not None:
         try:
@@ -112,7 +109,7 @@ def load_fastpath(path: Optional[Path], train_rows: Sequence):
 
 def answer(model, fastpath, text: str, mode: str, want_entities: bool):
     """(intent or None, fast-path hit or None, encoder ran?) for one message, as `process` does."""
-    from slm360_rasa.fastpath import arbitrate, needs_encoder
+    from slm360_rasa.model.fastpath import arbitrate, needs_encoder
 
     hit = fastpath.match(text) if mode != "semantic" else None
     ran = needs_encoder(hit, mode, want_entities)
@@ -128,10 +125,11 @@ def percentile_ms(ns: Sequence[int], q: float) -> Optional[float]:
 
 def evaluate(model, fastpath, rows: Sequence, mode: str, warmup: int, progress: bool = True) -> dict:
     """Metrics and latencies of one mode over `rows`, one message at a time."""
-    from _metrics import accuracy, macro_f1
     from tqdm import tqdm
 
-    want_entities = bool(model.cfg.entity_recognition and model.entity_types)
+    # What the component checks (`entity_recognition` and a trained entity head); the model
+    # file keeps its training config only for `--finetune`, so the head stands in for it.
+    want_entities = bool("head.entity.weight" in model.heads and model.entity_types)
     texts = [r.text for r in rows]
     for t in texts[:warmup]:  # numba compilation / caches, branch predictors: not measured
         answer(model, fastpath, t, mode, want_entities)
@@ -154,13 +152,6 @@ def evaluate(model, fastpath, rows: Sequence, mode: str, warmup: int, progress: 
             "no_intent_rate": sum(p is None for p in preds) / n,
             "p50_ms": percentile_ms(ns, 50), "p99_ms": percentile_ms(ns, 99),
             "hit_p50_ms": percentile_ms(hit_ns, 50), "n": n}
-
-
-def machine() -> dict:
-    """CPU model, core count and versions (timings are only comparable on one machine)."""
-    from bench_encoder import machine as describe  # one implementation for every benchmark
-
-    return describe()
 
 
 def markdown(res: dict) -> str:
@@ -192,18 +183,19 @@ def _display_path(p: Path) -> str:
 
 def main(argv=None) -> int:
     """Entry point; see --help."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fastpath_modes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
                     help=f"trained Rasa model archive (.tar.gz) with an SLM360Classifier, or a bare {MODEL_FILE}")
     ap.add_argument("--dataset", required=True, help="dataset name under --data-dir, or a folder with test.jsonl "
                                                      "(and train.jsonl, used when the model has no fastpath.json)")
-    ap.add_argument("--data-dir", default=os.environ.get("SLM360_DATA", str(ROOT.parent / "shared" / "datasets")),
+    ap.add_argument("--data-dir", default=os.environ.get("SLM360_DATA", str(DEFAULT_DATA_DIR)),
                     help="folder of datasets (default ../shared/datasets relative to the repo root)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of hybrid,semantic,pattern")
     ap.add_argument("--limit", type=int, default=0, help="evaluate N seeded random test messages (0 = all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --limit's sample")
     ap.add_argument("--warmup", type=int, default=20, help="untimed messages per mode before timing (default 20)")
-    ap.add_argument("--out-dir", default=str(HERE / "results"), help="where fastpath_modes_<dataset>.{json,md} go")
+    ap.add_argument("--out-dir", default=str(BENCH_DIR / "results"), help="where fastpath_modes_<dataset>.{json,md} go")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
@@ -214,7 +206,7 @@ def main(argv=None) -> int:
     if args.limit < 0 or args.warmup < 0:
         ap.error("--limit and --warmup must be >= 0")
 
-    from slm360_rasa.train.finetune import IntentEntityModel
+    from slm360_rasa.model import IntentEntityModel
 
     ds = dataset_dir(args.dataset, args.data_dir)
     test = read_jsonl(ds / "test.jsonl")  # an empty file is refused by the reader
@@ -235,7 +227,7 @@ def main(argv=None) -> int:
     name = ds.name
     res = {"dataset": name, "model": _display_path(Path(args.model)), "n_test": len(test),
            "fastpath_source": source, "fastpath_patterns": {"exact": len(fastpath.exact), "rules": len(fastpath.rules)},
-           "warmup": args.warmup, "precision": model.precision, "machine": machine(), "modes": {}}
+           "warmup": args.warmup, "precision": model.precision, "machine": compact(), "modes": {}}
     for mode in modes:
         res["modes"][mode] = evaluate(model, fastpath, test, mode, args.warmup, progress=not args.no_progress)
     md = markdown(res)

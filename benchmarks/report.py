@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Regenerate benchmarks/results/RESULTS.md and its PNG plots from the saved compare.py JSON.
 
 Reads every <dataset>__<system>.json of a results folder (default benchmarks/results/runs/)
@@ -8,49 +7,39 @@ and writes, with nothing but those files as input:
     metric family (quality: accuracy, macro F1, entity F1, OOS recall, ECE; training time;
     parse latency; memory and archive size) with SLM360/DIET ratios, the machine beside
     every table;
-  * plots/accuracy.png, latency.png, train_time.png, memory.png, calibration.png.
+  * plots/accuracy.png, latency.png, train_time.png, memory.png, calibration.png (benchmarks/plots.py).
 
 A dataset or system without a result file is shown as "not run", a failed run as "failed";
-no number is ever filled in. Examples:
+no number is ever filled in. Examples (from the repository root):
 
-  benchmarks/report.py                     # benchmarks/results/runs -> benchmarks/results/RESULTS.md
-  benchmarks/report.py --quick             # benchmarks/results/quick -> benchmarks/results/quick/RESULTS.md
-  benchmarks/report.py --results-dir DIR   # DIR -> DIR/RESULTS.md, DIR/plots/
+  python -m benchmarks.report                     # benchmarks/results/runs -> benchmarks/results/RESULTS.md
+  python -m benchmarks.report --quick             # benchmarks/results/quick -> benchmarks/results/quick/RESULTS.md
+  python -m benchmarks.report --results-dir DIR   # DIR -> DIR/RESULTS.md, DIR/plots/
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+from slm360_rasa.fileio import atomic_write_text
 
-import _metrics as M  # noqa: E402
+from benchmarks import BENCH_DIR, ROOT
+from benchmarks import metrics as M
+from benchmarks.datasets import DEFAULT_DATASETS
+from benchmarks.machine import describe
+from benchmarks.plots import make_plots
+from benchmarks.run_results import NOT_RUN, ReportError, Results, cell, is_ok, label, load_results, metric
+from benchmarks.systems import DEFAULT_SYSTEMS, DIET_BASELINES, DIET_VARIANT_CHANGE, SYSTEMS
 
-RESULTS_DIR = HERE / "results" / "runs"
-QUICK_RESULTS_DIR = HERE / "results" / "quick"
-DEFAULT_OUT = HERE / "results" / "RESULTS.md"
-DATASETS = ("snips", "atis", "banking77", "clinc150")
-SYSTEMS = ("diet", "diet_batch128", "diet_io", "slm360", "featurizer_diet")
-ALWAYS_SHOWN = ("diet", "slm360")  # the others are optional: a column only once they have results
-LABELS = {"diet": "DIET", "diet_batch128": "DIET batch<=128", "diet_io": "DIET IO tags", "slm360": "SLM360",
-          "featurizer_diet": "SLM360 feat. + DIET"}
-# The DIET that SLM360 is compared with: the default pipeline; where it could not train (out of
-# memory on ATIS, longer than a sitting on SNIPS), the first variant here with a result, each
-# one key away from the default and named as such wherever it is used.
-DIET_VARIANT_CHANGE = {
-    "diet_batch128": "DIETClassifier `batch_size: [64, 128]` instead of `[64, 256]`",
-    "diet_io": "DIETClassifier `BILOU_flag: false` (IO entity tags) instead of BILOU tags",
-}
-DIET_BASELINES = ("diet",) + tuple(DIET_VARIANT_CHANGE)
+RESULTS_DIR = BENCH_DIR / "results" / "runs"
+QUICK_RESULTS_DIR = BENCH_DIR / "results" / "quick"
+DEFAULT_OUT = BENCH_DIR / "results" / "RESULTS.md"
 ENTITY_DATASETS = ("snips", "atis")
-NOT_RUN = "not run"
 
 # Targets of the project (DESIGN.md / brief), checked per dataset where both systems ran.
 TARGETS = [
@@ -62,59 +51,6 @@ TARGETS = [
 ]
 TRAIN_SPEEDUP_TARGET = 3.0
 ARCHIVE_SHRINK_TARGET = 4.0
-
-Results = Dict[Tuple[str, str], dict]
-
-
-class ReportError(Exception):
-    """Bad input; the message names it and the fix."""
-
-
-def load_results(results_dir: Path) -> Results:
-    """All result JSON files of `results_dir`, keyed by (dataset, system)."""
-    if not results_dir.is_dir():
-        raise ReportError(f"results folder not found: {results_dir}; run benchmarks/compare.py first "
-                          "(or pass --results-dir / --quick)")
-    out: Results = {}
-    for path in sorted(results_dir.glob("*__*.json")):
-        try:
-            r = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            print(f"report.py: warning: skipping {path}: not readable JSON ({e})", file=sys.stderr)
-            continue
-        if not str(r.get("schema", "")).startswith("slm360-compare/") or "dataset" not in r or "system" not in r:
-            print(f"report.py: warning: skipping {path}: not a compare.py result", file=sys.stderr)
-            continue
-        r["_file"] = str(path)
-        out[(r["dataset"], r["system"])] = r
-    return out
-
-
-def _ok(r: Optional[dict]) -> bool:
-    return bool(r) and r.get("status") == "ok"
-
-
-def metric(results: Results, dataset: str, system: str, key: str):
-    """A metric of an ok run; None if the run is missing, failed or lacks the metric."""
-    r = results.get((dataset, system))
-    return (r.get("metrics") or {}).get(key) if _ok(r) else None
-
-
-def cell(results: Results, dataset: str, system: str, key: str, fmt: str, na: str = "n/a") -> str:
-    """Table cell: the formatted metric, 'not run', 'failed (...)' or `na` (not applicable)."""
-    r = results.get((dataset, system))
-    if r is None:
-        return NOT_RUN
-    if r.get("status") == "train_incomplete":
-        # Chunk progress lives in the gitignored work dir, so a committed incomplete run is a
-        # measurement of how far it got and how long that took, not a promise to finish.
-        chunks = (r.get("train") or {}).get("chunks") or []
-        total = len((r.get("train_chunks") or {}).get("epochs") or []) or "?"
-        return f"incomplete ({len(chunks)}/{total} chunks, {sum(c.get('wall_s') or 0 for c in chunks):,.0f} s)"
-    if not _ok(r):
-        return "failed (out of memory)" if r.get("oom_kill") else f"failed ({r.get('status')})"
-    v = (r.get("metrics") or {}).get(key)
-    return na if v is None else format(v, fmt)
 
 
 def _ratio(a, b) -> Optional[float]:
@@ -145,13 +81,11 @@ def machine_line(results: Results, datasets: Sequence[str], systems: Sequence[st
     ok_machines: Dict[str, set] = {}  # dataset -> machines of its finished runs
     for d, r in keyed:
         m = r["machine"]
-        desc = (f"{m.get('cpu')}, {m.get('cores_logical')} cores ({m.get('cores_usable')} usable), "
-                f"{m.get('ram_gb')} GiB RAM; Python {m.get('python')}, rasa {m.get('rasa')}, "
-                f"tensorflow {m.get('tensorflow')}, numba {m.get('numba')}")
+        desc = describe(m)
         entry = seen.setdefault(desc, {"dates": set(), "datasets": set()})
         entry["dates"].add(str(r.get("started") or m.get("date") or "")[:10])
         entry["datasets"].add(d)
-        if _ok(r):
+        if is_ok(r):
             ok_machines.setdefault(d, set()).add(desc)
     if len(seen) == 1:
         ((desc, entry),) = seen.items()
@@ -182,7 +116,7 @@ def diet_baseline(results: Results, dataset: str) -> str:
     """The DIET system SLM360 is compared with on `dataset`: "diet" (the default pipeline)
     unless it has no ok result, else the first variant of DIET_BASELINES that has one."""
     for system in DIET_BASELINES:
-        if _ok(results.get((dataset, system))):
+        if is_ok(results.get((dataset, system))):
             return system
     return "diet"
 
@@ -195,11 +129,11 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
         for d in datasets:
             base = diet_baseline(results, d)
             diet, slm = results.get((d, base)), results.get((d, "slm360"))
-            if not (_ok(diet) and _ok(slm)):
+            if not (is_ok(diet) and is_ok(slm)):
                 # Every DIET that has a result file, so a capped run still training is named too.
-                sides = [] if _ok(diet) else [s for s in DIET_BASELINES if s == "diet" or (d, s) in results]
-                sides += [] if _ok(slm) else ["slm360"]
-                why = [f"{LABELS[s]} {cell(results, d, s, '', '')}" for s in sides]
+                sides = [] if is_ok(diet) else [s for s in DIET_BASELINES if s == "diet" or (d, s) in results]
+                sides += [] if is_ok(slm) else ["slm360"]
+                why = [f"{label(s)} {cell(results, d, s, '', '')}" for s in sides]
                 unmeasured.append(f"{d} ({', '.join(why)})")
                 continue
             dm, sm = diet["metrics"], slm["metrics"]
@@ -225,7 +159,7 @@ def target_lines(results: Results, datasets: Sequence[str]) -> List[str]:
                 ok = shrink is not None and shrink >= ARCHIVE_SHRINK_TARGET
                 detail = f"{_fmt(shrink, '.1f')}x smaller: SLM360 {sm['model_mb']:.2f} MB vs DIET {dm['model_mb']:.2f} MB"
             if base != "diet":  # say which DIET, and why not the default
-                detail = f"against {LABELS[base]}, the default DIET {cell(results, d, 'diet', '', '')}: {detail}"
+                detail = f"against {label(base)}, the default DIET {cell(results, d, 'diet', '', '')}: {detail}"
             (met if ok else missed).append(f"{d} ({detail})")
         if missed:
             status = "**MISSED** on " + "; ".join(missed)
@@ -255,7 +189,7 @@ def paired_accuracy(results: Results, dataset: str, system: str = "slm360", base
     messages (a dict), or a short reason it cannot be computed (a str): a run missing, or
     the two runs' gold intents not being the same messages in the same order."""
     a, b = results.get((dataset, base)), results.get((dataset, system))
-    if not (_ok(a) and _ok(b)):
+    if not (is_ok(a) and is_ok(b)):
         return NOT_RUN
     pa, pb = a.get("per_message") or {}, b.get("per_message") or {}
     if not (pa.get("correct") and pb.get("correct")):
@@ -287,7 +221,7 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def quality_table(results, datasets, systems, key, fmt, delta=True, applies=None) -> List[str]:
     """Rows = datasets, columns = systems (+ SLM360 - DIET) for one quality metric."""
-    header = ["dataset"] + [LABELS[s] for s in systems] + (["SLM360 - DIET"] if delta else [])
+    header = ["dataset"] + [label(s) for s in systems] + (["SLM360 - DIET"] if delta else [])
     rows = []
     for d in datasets:
         if applies is not None and not applies(d, results):
@@ -302,14 +236,14 @@ def quality_table(results, datasets, systems, key, fmt, delta=True, applies=None
 
 
 def ratio_table(results, datasets, systems, specs) -> List[str]:
-    """Per dataset: each (key, label, fmt) per system, then SLM360/DIET for each key."""
+    """Per dataset: each (key, name, unit, fmt) per system, then SLM360/DIET for each key."""
     header = ["dataset"]
-    for key, label, unit, fmt in specs:
-        header += [f"{LABELS[s]} {label} ({unit})" for s in systems] + [f"{label} SLM360/DIET"]
+    for key, name, unit, fmt in specs:
+        header += [f"{label(s)} {name} ({unit})" for s in systems] + [f"{name} SLM360/DIET"]
     rows = []
     for d in datasets:
         row = [d]
-        for key, label, unit, fmt in specs:
+        for key, name, unit, fmt in specs:
             row += [cell(results, d, s, key, fmt) for s in systems]
             base = metric(results, d, diet_baseline(results, d), key)
             row.append(_fmt(_ratio(metric(results, d, "slm360", key), base), ".2f"))
@@ -327,15 +261,15 @@ def shared_machine_lines(results, datasets, systems) -> List[str]:
     for d in datasets:
         for s in systems:
             r = results.get((d, s))
-            if not _ok(r):
+            if not is_ok(r):
                 continue
             other, wall = r["metrics"].get("train_other_cpu_s"), r["metrics"].get("train_wall_s")
             cores = (r.get("machine") or {}).get("cores_logical") or 1
             if other is None:
-                lines.append(f"- {d} / {LABELS[s]}: not recorded whether other processes shared the machine "
+                lines.append(f"- {d} / {label(s)}: not recorded whether other processes shared the machine "
                              "during training (run predates that measurement).")
             elif wall and other / (wall * cores) > SHARED_CPU_SHARE:
-                lines.append(f"- {d} / {LABELS[s]}: other processes used {other:.0f} CPU-s during training "
+                lines.append(f"- {d} / {label(s)}: other processes used {other:.0f} CPU-s during training "
                              f"({other / (wall * cores):.0%} of the machine): its wall time is inflated.")
     return (["Machine shared during training:", ""] + lines + [""]) if lines else []
 
@@ -343,7 +277,7 @@ def shared_machine_lines(results, datasets, systems) -> List[str]:
 def _has_entities(d: str, results: Results) -> bool:
     for s in SYSTEMS:
         r = results.get((d, s))
-        if _ok(r) and r["metrics"].get("entity_micro_f1") is not None:
+        if is_ok(r) and r["metrics"].get("entity_micro_f1") is not None:
             return True
     return d in ENTITY_DATASETS
 
@@ -351,7 +285,7 @@ def _has_entities(d: str, results: Results) -> bool:
 def _has_oos(d: str, results: Results) -> bool:
     for s in SYSTEMS:
         r = results.get((d, s))
-        if _ok(r) and r["metrics"].get("oos_recall") is not None:
+        if is_ok(r) and r["metrics"].get("oos_recall") is not None:
             return True
     return d == "clinc150"
 
@@ -365,7 +299,7 @@ def oos_at_valid_threshold(r: dict, max_drop: float = OOS_MAX_ACCURACY_DROP) -> 
     None when the run recorded no validation or out-of-scope messages."""
     v, ov = r.get("valid_per_message"), r.get("oos_valid_per_message")
     pm, opm = r.get("per_message"), r.get("oos_per_message")
-    if not (_ok(r) and v and ov and pm and opm):
+    if not (is_ok(r) and v and ov and pm and opm):
         return None
     chosen = M.choose_fallback_threshold(v["confidence"], [p == g for p, g in zip(v["pred"], v["gold"])],
                                          ov["confidence"], max_drop)
@@ -383,7 +317,7 @@ def oos_threshold_table(results: Results, datasets: List[str], systems: List[str
             o = oos_at_valid_threshold(r) if r else None
             if o is None:
                 continue
-            rows.append([d, LABELS.get(s, s), f"{o['threshold']:.4f}", f"{o['test']['oos_recall']:.4f}",
+            rows.append([d, label(s), f"{o['threshold']:.4f}", f"{o['test']['oos_recall']:.4f}",
                          f"{o['test']['accuracy']:.4f}", f"{o['test_accuracy_without_fallback']:.4f}",
                          f"{o['test']['fallback_rate_in_scope']:.4f}"])
     if not rows:
@@ -395,11 +329,9 @@ def oos_threshold_table(results: Results, datasets: List[str], systems: List[str
 
 def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[str, Path]) -> str:
     """The whole RESULTS.md text."""
-    datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
-    systems = [s for s in SYSTEMS if s in ALWAYS_SHOWN or any(k[1] == s for k in results)]
+    datasets = list(DEFAULT_DATASETS) + sorted({d for d, _ in results} - set(DEFAULT_DATASETS))
+    systems = [s for s in SYSTEMS if s in DEFAULT_SYSTEMS or any(k[1] == s for k in results)]
     systems += sorted({s for _, s in results} - set(systems))
-    for s in systems:
-        LABELS.setdefault(s, s)
     mline = machine_line(results, datasets, systems)
     quick = any(r.get("quick") for r in results.values())
     try:
@@ -427,7 +359,7 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
         substituted = [d for d in datasets if diet_baseline(results, d) == variant]
         if substituted:
             L += [f"> Where the default DIET could not train ({', '.join(substituted)}: see the targets and "
-                  f"Failed runs), SLM360 is compared with **{LABELS[variant]}**, the same pipeline with {change} "
+                  f"Failed runs), SLM360 is compared with **{label(variant)}**, the same pipeline with {change} "
                   f"(`benchmarks/configs/{variant}.yml`); the SLM360 - DIET and SLM360/DIET columns and the "
                   "targets use it there.", ""]
     L += ["## Targets", "", mline, ""] + target_lines(results, datasets) + [""]
@@ -484,7 +416,7 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
     L += ["Model load time (`Agent.load`, s):", ""]
     L += quality_table(results, datasets, systems, "load_s", ".2f", delta=False) + [""]
 
-    failed = [r for r in results.values() if not _ok(r)]
+    failed = [r for r in results.values() if not is_ok(r)]
     if failed:
         L += ["## Failed runs", ""]
         for r in failed:
@@ -499,141 +431,7 @@ def render_markdown(results: Results, results_dir: Path, out: Path, plots: Dict[
 
 
 def _rel(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(path, start)
-
-
-# ---------------------------------------------------------------------------- plots
-
-
-def make_plots(results: Results, plots_dir: Path) -> Dict[str, Path]:
-    """Write the PNG plots; returns {title: path}. A system gets a colour once it has a finished
-    run; a missing or unfinished run of it is labelled with its short status."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    datasets = list(DATASETS) + sorted({d for d, _ in results} - set(DATASETS))
-    systems = ([s for s in SYSTEMS if any(_ok(r) for (_, rs), r in results.items() if rs == s)]
-               or list(ALWAYS_SHOWN))
-    out: Dict[str, Path] = {}
-
-    def bars(ax, key, ylabel, log=False):
-        x = np.arange(len(datasets))
-        w = 0.8 / len(systems)
-        for i, s in enumerate(systems):
-            for j, d in enumerate(datasets):
-                v = metric(results, d, s, key)
-                pos = x[j] - 0.4 + w * (i + 0.5)
-                if v is None:
-                    ax.text(pos, 0.02, plot_status(results, d, s), rotation=90, ha="center", va="bottom", fontsize=7,
-                            transform=ax.get_xaxis_transform(), color="grey")
-                else:
-                    ax.bar(pos, v, w, color=f"C{i}", label=LABELS[s])
-        ax.set_xticks(x)
-        ax.set_xticklabels(datasets)
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        if uniq:
-            ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars(ax, "accuracy", "intent accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Intent accuracy per dataset")
-    out["Intent accuracy"] = _save(fig, plots_dir / "accuracy.png")
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    data, pos, colors, ticks = [], [], [], []
-    for j, d in enumerate(datasets):
-        for i, s in enumerate(systems):
-            r = results.get((d, s))
-            lat = (r.get("per_message") or {}).get("latency_ms") if _ok(r) else None
-            p = j * (len(systems) + 1) + i
-            if lat:
-                data.append(lat)
-                pos.append(p)
-                colors.append(f"C{i}")
-            else:
-                ax.text(p, 0.02, plot_status(results, d, s), rotation=90, ha="center", va="bottom", fontsize=7,
-                        transform=ax.get_xaxis_transform(), color="grey")
-        ticks.append(j * (len(systems) + 1) + (len(systems) - 1) / 2)
-    if data:
-        bp = ax.boxplot(data, positions=pos, widths=0.7, whis=(1, 99), showfliers=False, patch_artist=True)
-        for patch, c in zip(bp["boxes"], colors):
-            patch.set_facecolor(c)
-        ax.set_yscale("log")
-    ax.set_xticks(ticks)
-    ax.set_xticklabels(datasets)
-    ax.set_xlim(-1, len(datasets) * (len(systems) + 1))
-    ax.set_ylabel("parse latency (ms, log)")
-    ax.set_title("Agent.parse_message latency (box: quartiles, whiskers: P1-P99)")
-    for i, s in enumerate(systems):
-        ax.plot([], [], color=f"C{i}", lw=8, label=LABELS[s])
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    out["Parse latency"] = _save(fig, plots_dir / "latency.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars(ax, "train_wall_s", "train wall time (s, log)", log=True)
-    ax.set_title("rasa train nlu wall time")
-    out["Training time"] = _save(fig, plots_dir / "train_time.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (key, label) in zip(axes, [("train_peak_rss_mb", "training peak RSS (MB)"),
-                                       ("serve_peak_rss_mb", "serving peak RSS (MB)"),
-                                       ("model_mb", "model archive (MB, log)")]):
-        bars(ax, key, label, log=key == "model_mb")
-        ax.set_title(label)
-    out["Memory and size"] = _save(fig, plots_dir / "memory.png")
-
-    measured = [d for d in datasets if any(_ok(results.get((d, s))) for s in systems)]
-    if measured:
-        fig, axes = plt.subplots(1, len(measured), figsize=(4 * len(measured), 4), squeeze=False)
-        for ax, d in zip(axes[0], measured):
-            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-            for i, s in enumerate(systems):
-                r = results.get((d, s))
-                if not _ok(r):
-                    continue
-                pm = r["per_message"]
-                bins = M.reliability_bins(pm["confidence"], M.str_to_bits(pm["correct"]))
-                xs = [b["confidence"] for b in bins if b["n"]]
-                ys = [b["accuracy"] for b in bins if b["n"]]
-                ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{LABELS[s]} (ECE {r['metrics']['ece']:.3f})")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.set_xlabel("confidence")
-            ax.set_ylabel("accuracy")
-            ax.set_title(d)
-            ax.legend(fontsize=7)
-        out["Calibration (reliability)"] = _save(fig, plots_dir / "calibration.png")
-    return out
-
-
-def plot_status(results: Results, dataset: str, system: str) -> str:
-    """Why a plot has no value for a run, in a word or two: the table cells say more."""
-    r = results.get((dataset, system))
-    if r is None:
-        return NOT_RUN
-    if r.get("status") == "train_incomplete":
-        return "incomplete"
-    return "out of memory" if r.get("oom_kill") else "failed"
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps legends placed outside the axes
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -641,7 +439,8 @@ def _save(fig, path: Path) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Write RESULTS.md (and plots); 0 on success, 2 on bad input."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", type=Path, default=None,
                     help=f"folder of <dataset>__<system>.json files (default: {RESULTS_DIR.relative_to(ROOT)})")
     ap.add_argument("--quick", action="store_true",
@@ -664,10 +463,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     plots = {} if args.no_plots else make_plots(results, args.plots_dir or out.parent / "plots")
     text = render_markdown(results, results_dir, out, plots)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, text)
     print(f"wrote {out} ({len(results)} result file(s), {len(plots)} plot(s))", file=sys.stderr)
     return 0
 

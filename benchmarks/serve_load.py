@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Bounded concurrent load on `rasa run --enable-api`: N clients x M requests to /model/parse.
 
 Starts the server on 127.0.0.1 (or uses --url), sends a warm-up, then every client thread
@@ -6,6 +5,8 @@ posts its requests one after another (texts from a dataset's test split, mixed w
 input: empty, 10,000 characters, emoji, control characters, other scripts). Reports latency
 P50/P99, throughput, HTTP errors and invalid parses; writes JSON to benchmarks/results/.
 Traffic goes to this machine only, and the loop is bounded in count and time.
+
+Run from the repository root: python -m benchmarks.serve_load --model MODEL.tar.gz
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import ROOT
+from benchmarks.datasets import DEFAULT_DATA_DIR
+
 BAD = ["", " ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا كيف حالك", "Привет"]
 
 
@@ -62,13 +65,14 @@ def start_server(model: str, port: int, log_path: Path, env: dict) -> subprocess
 
 def main(argv=None) -> int:
     """Entry point; see --help."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Rasa model archive (.tar.gz) to serve")
     src.add_argument("--url", help="an already running server, e.g. http://127.0.0.1:5005")
     ap.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
     ap.add_argument("--requests", type=int, default=200, help="requests per client (default 200)")
-    ap.add_argument("--texts", default=str(ROOT.parent / "shared/datasets/banking77/test.jsonl"),
+    ap.add_argument("--texts", default=str(DEFAULT_DATA_DIR / "banking77" / "test.jsonl"),
                     help="jsonl with a 'text' field (default: Banking77 test)")
     ap.add_argument("--bad-every", type=int, default=10, help="every k-th request is a bad input (0 = none)")
     ap.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")

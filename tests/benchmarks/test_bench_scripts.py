@@ -1,17 +1,10 @@
 """Smoke runs of the encoder benchmark and the frozen-embedding evaluation on tiny inputs."""
-import importlib.util
+import importlib
 import json
-from pathlib import Path
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_bench_encoder_smoke(tmp_path):

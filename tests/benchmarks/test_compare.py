@@ -1,4 +1,5 @@
-"""benchmarks/compare.py, _metrics.py and report.py: YAML writer, metrics, process monitor, report, end to end."""
+"""benchmarks.compare and the modules it drives (datasets, rasa_data, systems, monitor, metrics,
+store, diet_chunks) and benchmarks.report: YAML writer, metrics, process monitor, report, end to end."""
 import json
 import os
 import random
@@ -9,28 +10,30 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks import CompareError, diet_chunks, monitor, plots, rasa_data, run_results, store, systems
+from benchmarks import compare as C
+from benchmarks import datasets as D
+from benchmarks import metrics as M
+from benchmarks import report as R
+
 os.environ.setdefault("RASA_TELEMETRY_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import _metrics as M  # noqa: E402
-import compare as C  # noqa: E402
-import report as R  # noqa: E402
 
 BASELINE_DIET = ROOT.parent / "shared" / "baselines" / "diet_default.yml"
 
 
 def _env():
-    return {**os.environ, "RASA_TELEMETRY_ENABLED": "false"}
+    """The environment of a `python -m benchmarks.<script>` child: the repository on PYTHONPATH."""
+    return {**monitor.repo_env(), "RASA_TELEMETRY_ENABLED": "false"}
 
 
 # ---------------------------------------------------------------------------- YAML writer
 
 def _ex(text, intent, *ents):
     """An Example whose entities are given as (value, label), located with str.index."""
-    return C.Example(text, intent, sorted((text.index(v), text.index(v) + len(v), lab) for v, lab in ents))
+    return D.Example(text, intent, sorted((text.index(v), text.index(v) + len(v), lab) for v, lab in ents))
 
 
 TRICKY = [
@@ -56,17 +59,17 @@ def _key(e):
 
 
 def test_annotate_uses_the_markdown_entity_syntax():
-    assert C.annotate(C.Example("book a table for 4 people", "book", [(17, 18, "people")])) == \
+    assert rasa_data.annotate(D.Example("book a table for 4 people", "book", [(17, 18, "people")])) == \
         "book a table for [4](people) people"
-    assert C.annotate(C.Example("at 5:30", "t", [(3, 7, "a:b")])) == 'at [5:30]{"entity": "a:b"}'
+    assert rasa_data.annotate(D.Example("at 5:30", "t", [(3, 7, "a:b")])) == 'at [5:30]{"entity": "a:b"}'
 
 
 def test_yaml_round_trips_through_rasa_load_data(tmp_path):
     pytest.importorskip("rasa")
-    path = C.write_nlu_yaml(TRICKY, tmp_path / "nlu.yml")
-    got = C.read_back(path)
+    path = rasa_data.write_nlu_yaml(TRICKY, tmp_path / "nlu.yml")
+    got = rasa_data.read_back(path)
     assert sorted(map(_key, got)) == sorted(map(_key, TRICKY))
-    assert C.verify_round_trip(path, TRICKY) == len(TRICKY)
+    assert rasa_data.verify_round_trip(path, TRICKY) == len(TRICKY)
 
 
 def test_yaml_round_trips_random_texts_with_brackets(tmp_path):
@@ -84,45 +87,45 @@ def test_yaml_round_trips_random_texts_with_brackets(tmp_path):
             if "]" not in text[s:e]:
                 ents.append((s, e, rng.choice(["a", "b.c", "d_e"])))
             pos = e + 1
-        examples.append(C.Example(text, f"intent{i % 5}", ents))
-    path = C.write_nlu_yaml(examples, tmp_path / "nlu.yml")
+        examples.append(D.Example(text, f"intent{i % 5}", ents))
+    path = rasa_data.write_nlu_yaml(examples, tmp_path / "nlu.yml")
     want = {_key(e) for e in examples}
-    assert {_key(e) for e in C.read_back(path)} == want
+    assert {_key(e) for e in rasa_data.read_back(path)} == want
 
 
 def test_rasa_drops_duplicates_and_verify_counts_distinct(tmp_path):
     pytest.importorskip("rasa")
-    exs = [C.Example("hi there", "greet"), C.Example("hi there", "greet"), C.Example("bye", "bye")]
-    path = C.write_nlu_yaml(exs, tmp_path / "nlu.yml")
-    assert C.verify_round_trip(path, exs) == 2
+    exs = [D.Example("hi there", "greet"), D.Example("hi there", "greet"), D.Example("bye", "bye")]
+    path = rasa_data.write_nlu_yaml(exs, tmp_path / "nlu.yml")
+    assert rasa_data.verify_round_trip(path, exs) == 2
 
 
 @pytest.mark.parametrize("example, message", [
-    (C.Example("abc", "x", [(0, 2, "a"), (1, 3, "b")]), "overlapping"),
-    (C.Example("a]b c", "x", [(0, 3, "a")]), "contains ']'"),
-    (C.Example("", "x"), "empty text"),
+    (D.Example("abc", "x", [(0, 2, "a"), (1, 3, "b")]), "overlapping"),
+    (D.Example("a]b c", "x", [(0, 3, "a")]), "contains ']'"),
+    (D.Example("", "x"), "empty text"),
 ])
 def test_unrepresentable_examples_are_refused(example, message):
-    with pytest.raises(C.CompareError, match=message):
-        C.nlu_yaml([example], "train.jsonl")
+    with pytest.raises(CompareError, match=message):
+        rasa_data.nlu_yaml([example], "train.jsonl")
 
 
 @pytest.mark.parametrize("intent, message", [("faq/ask", "retrieval"), ("nlu_fallback", "reserved"),
                                              (" padded", "whitespace")])
 def test_bad_intent_names_are_refused(intent, message):
-    with pytest.raises(C.CompareError, match=message):
-        C.nlu_yaml([C.Example("hello", intent)], "train.jsonl")
+    with pytest.raises(CompareError, match=message):
+        rasa_data.nlu_yaml([D.Example("hello", intent)], "train.jsonl")
 
 
 def test_load_jsonl_names_file_and_line_of_bad_input(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "hi", "intent": "greet", "entities": []}\n'
                     '{"text": "go home", "intent": "nav", "entities": [{"start": 3, "end": 7, "entity": "p", "value": "hom"}]}\n')
-    with pytest.raises(C.CompareError, match=r"train.jsonl:2: entity value 'hom'"):
-        C.load_jsonl(path)
+    with pytest.raises(CompareError, match=r"train.jsonl:2: entity value 'hom'"):
+        D.load_jsonl(path)
     path.write_text("not json\n")
-    with pytest.raises(C.CompareError, match=r"train.jsonl:1: not valid JSON"):
-        C.load_jsonl(path)
+    with pytest.raises(CompareError, match=r"train.jsonl:1: not valid JSON"):
+        D.load_jsonl(path)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -147,16 +150,16 @@ def test_each_diet_variant_differs_from_the_default_in_one_key_only(system, key,
     popped = diet.pop(key)
     assert popped == value and type(popped) is type(value)  # `BILOU_flag: 0` would not be `false`
     assert variant == default
-    assert system in C.SYSTEMS and system in C.CHUNKABLE and system in R.DIET_VARIANT_CHANGE
+    assert system in systems.SYSTEMS and system in systems.CHUNKABLE and system in systems.DIET_VARIANT_CHANGE
 
 
 def test_slm360_pipelines_have_the_agreed_components():
     names = [c["name"] for c in _pipeline(BENCH / "configs" / "slm360.yml")]
-    assert names == ["WhitespaceTokenizer", C.CLASSIFIER, "EntitySynonymMapper", "FallbackClassifier"]
+    assert names == ["WhitespaceTokenizer", systems.CLASSIFIER, "EntitySynonymMapper", "FallbackClassifier"]
     fb = _pipeline(BENCH / "configs" / "slm360.yml")[-1]
     assert fb["threshold"] == 0.3 and fb["ambiguity_threshold"] == 0.1
     feat = _pipeline(BENCH / "configs" / "featurizer_diet.yml")
-    assert [c["name"] for c in feat] == ["WhitespaceTokenizer", C.FEATURIZER, "DIETClassifier",
+    assert [c["name"] for c in feat] == ["WhitespaceTokenizer", systems.FEATURIZER, "DIETClassifier",
                                         "EntitySynonymMapper", "FallbackClassifier"]
     assert feat[2]["epochs"] == 100 and feat[2]["constrain_similarities"] is True
 
@@ -164,39 +167,43 @@ def test_slm360_pipelines_have_the_agreed_components():
 def test_build_config_applies_quick_epochs_then_overrides(tmp_path):
     ckpt = tmp_path / "c.safetensors"
     ckpt.write_bytes(b"x")
-    sets = C.parse_sets(["epochs=5", f"checkpoint={ckpt}"], "--slm360-set")
-    C._resolve_checkpoint(sets, "--slm360-set")
-    cfg, applied = C.build_config("slm360", True, sets, {}, {})
-    comp = next(c for c in cfg["pipeline"] if c["name"] == C.CLASSIFIER)
+    sets = systems.parse_sets(["epochs=5", f"checkpoint={ckpt}"], "--slm360-set")
+    systems.resolve_checkpoint(sets, "--slm360-set")
+    cfg, applied = systems.build_config("slm360", True, sets, {}, {})
+    comp = next(c for c in cfg["pipeline"] if c["name"] == systems.CLASSIFIER)
     assert comp["epochs"] == 5 and comp["checkpoint"] == str(ckpt.resolve())
-    cfg, _ = C.build_config("diet", True, {}, {}, {})
-    assert next(c for c in cfg["pipeline"] if c["name"] == "DIETClassifier")["epochs"] == C.QUICK["diet_epochs"]
-    cfg, _ = C.build_config("featurizer_diet", False, sets, {}, {})
-    assert next(c for c in cfg["pipeline"] if c["name"] == C.FEATURIZER)["checkpoint"] == str(ckpt.resolve())
-    assert C.needs_pretrained(C.build_config("slm360", False, {}, {}, {})[0]) == [C.CLASSIFIER]
+    cfg, _ = systems.build_config("diet", True, {}, {}, {})
+    diet = next(c for c in cfg["pipeline"] if c["name"] == "DIETClassifier")
+    assert diet["epochs"] == systems.QUICK_EPOCHS["diet_epochs"]
+    cfg, _ = systems.build_config("featurizer_diet", False, sets, {}, {})
+    assert next(c for c in cfg["pipeline"] if c["name"] == systems.FEATURIZER)["checkpoint"] == str(ckpt.resolve())
+    assert systems.needs_pretrained(systems.build_config("slm360", False, {}, {}, {})[0]) == [systems.CLASSIFIER]
 
 
 def test_sets_are_validated():
-    assert C.parse_sets(["epochs=2", "precision=f32", "entity_recognition=false"], "--x") == \
+    assert systems.parse_sets(["epochs=2", "precision=f32", "entity_recognition=false"], "--x") == \
         {"epochs": 2, "precision": "f32", "entity_recognition": False}
-    with pytest.raises(C.CompareError, match="expected key=value"):
-        C.parse_sets(["epochs"], "--slm360-set")
-    keys = C.component_keys(ROOT / "slm360_rasa/components/classifier.py", "SLM360Classifier")
+    with pytest.raises(CompareError, match="expected key=value"):
+        systems.parse_sets(["epochs"], "--slm360-set")
+    keys = systems.classifier_keys()
     assert {"epochs", "checkpoint", "precision"} <= keys
-    with pytest.raises(C.CompareError, match="unknown SLM360Classifier key"):
-        C._check_keys({"epoch": 2}, "classifier.py", "SLM360Classifier", "--slm360-set")
+    with pytest.raises(CompareError, match="unknown SLM360Classifier key"):
+        systems.check_keys({"epoch": 2}, keys, "SLM360Classifier", "--slm360-set")
+    featurizer = systems.component_keys(ROOT / "slm360_rasa/components/featurizer.py", "SLM360Featurizer")
+    assert {"checkpoint", "precision", "max_length", "pooling"} <= featurizer
+    systems.check_keys({"alias": "x"}, featurizer, "SLM360Featurizer", "--featurizer-set", extra=("alias",))
 
 
 def test_quick_subsample_is_seeded_and_sized():
-    train = [C.Example(f"t{i}", f"i{i % 12}") for i in range(240)]
-    test = [C.Example(f"s{i}", f"i{i % 12}") for i in range(120)]
-    ds = C.Dataset("d", Path("."), train, test, [C.Example(f"o{i}", "oos") for i in range(50)], {}, {})
-    a, b = C.quick_subsample(ds), C.quick_subsample(ds)
+    train = [D.Example(f"t{i}", f"i{i % 12}") for i in range(240)]
+    test = [D.Example(f"s{i}", f"i{i % 12}") for i in range(120)]
+    ds = D.Dataset("d", Path("."), train, test, [D.Example(f"o{i}", "oos") for i in range(50)], {}, {})
+    a, b = D.quick_subsample(ds), D.quick_subsample(ds)
     assert [e.text for e in a.train] == [e.text for e in b.train]
     assert len({e.intent for e in a.train}) == 8 and len(a.train) == 80
     assert len(a.test) == 40 and {e.intent for e in a.test} <= {e.intent for e in a.train}
     assert len(a.oos) == 20
-    lim = C.limit_test(a, 7)
+    lim = D.limit_test(a, 7)
     assert len(lim.test) == 7 and len(lim.oos) == 7 and lim.train == a.train
 
 
@@ -282,9 +289,10 @@ def test_paired_accuracy_difference():
 
 
 def test_summarize_counts_fallback_as_the_baselines_do():
-    test = [C.Example("a", "book", [(0, 1, "x")]), C.Example("b", "menu"), C.Example("c", "menu"), C.Example("d", "hours")]
-    oos = [C.Example("o1", "oos"), C.Example("o2", "oos")]
-    ds = C.Dataset("d", Path("."), test, test, oos, {}, {})
+    test = [D.Example("a", "book", [(0, 1, "x")]), D.Example("b", "menu"), D.Example("c", "menu"),
+            D.Example("d", "hours")]
+    oos = [D.Example("o1", "oos"), D.Example("o2", "oos")]
+    ds = D.Dataset("d", Path("."), test, test, oos, {}, {})
     fb = "nlu_fallback"
     raw = {"results": [
         _raw("book", 0.9, [["book", 0.9], ["menu", 0.1]], [(0, 1, "x")], 1.0),
@@ -294,7 +302,7 @@ def test_summarize_counts_fallback_as_the_baselines_do():
         _raw(fb, 0.3, [[fb, 0.3], ["book", 0.2]], (), 5.0),                  # OOS caught
         _raw("menu", 0.7, [["menu", 0.7]], (), 6.0),                         # OOS missed
     ]}
-    m, pm, oos_pm, rel = C.summarize(ds, raw)
+    m, pm, oos_pm, rel = M.summarize(ds, raw)
     assert m["accuracy"] == 0.5 and m["accuracy_after_fallback"] == 0.25
     assert m["fallback_rate_in_scope"] == 0.5 and m["oos_recall"] == 0.5 and m["n_oos"] == 2
     assert m["entity_micro_f1"] == 1.0
@@ -308,26 +316,26 @@ def test_summarize_counts_fallback_as_the_baselines_do():
 
 
 def test_validation_splits_are_parsed_after_test_and_recorded():
-    test = [C.Example("a", "book"), C.Example("b", "menu")]
-    oos = [C.Example("o", "oos")]
-    valid = [C.Example("v1", "book"), C.Example("v2", "menu"), C.Example("v3", "menu")]
-    oos_valid = [C.Example("ov1", "oos"), C.Example("ov2", "oos")]
-    ds = C.Dataset("d", Path("."), test, test, oos, {}, {}, valid=valid, oos_valid=oos_valid)
-    assert [len(x) for x in C.eval_splits(ds)] == [2, 1, 3, 2]
+    test = [D.Example("a", "book"), D.Example("b", "menu")]
+    oos = [D.Example("o", "oos")]
+    valid = [D.Example("v1", "book"), D.Example("v2", "menu"), D.Example("v3", "menu")]
+    oos_valid = [D.Example("ov1", "oos"), D.Example("ov2", "oos")]
+    ds = D.Dataset("d", Path("."), test, test, oos, {}, {}, valid=valid, oos_valid=oos_valid)
+    assert [len(x) for x in D.eval_splits(ds)] == [2, 1, 3, 2]
     fb = "nlu_fallback"
     raw = {"results": [_raw("book", 0.9, [["book", 0.9]]), _raw("menu", 0.8, [["menu", 0.8]]),
                        _raw(fb, 0.3, [[fb, 0.3], ["book", 0.2]]),
                        _raw("book", 0.7, [["book", 0.7]]), _raw("book", 0.6, [["book", 0.6]]),
                        _raw(fb, 0.3, [[fb, 0.3], ["menu", 0.25]]),
                        _raw("menu", 0.5, [["menu", 0.5]]), _raw(fb, 0.3, [[fb, 0.3], ["book", 0.1]])]}
-    m, _, oos_pm, _ = C.summarize(ds, raw)
+    m, _, oos_pm, _ = M.summarize(ds, raw)
     assert m["accuracy"] == 1.0 and m["oos_recall"] == 1.0 and len(oos_pm["confidence"]) == 1
-    v = C.summarize_valid(ds, raw)
+    v = M.summarize_valid(ds, raw)
     assert v["valid_per_message"]["pred"] == ["book", "book", "menu"]
     assert v["valid_per_message"]["confidence"] == [0.7, 0.6, 0.25]
     assert v["valid_per_message"]["accuracy"] == pytest.approx(2 / 3, abs=1e-6)
     assert v["oos_valid_per_message"]["confidence"] == [0.5, 0.1]
-    assert C.summarize_valid(C.Dataset("d", Path("."), test, test, None, {}, {}), {"results": raw["results"][:2]}) == {}
+    assert M.summarize_valid(D.Dataset("d", Path("."), test, test, None, {}, {}), {"results": raw["results"][:2]}) == {}
 
 
 def test_fallback_threshold_is_the_highest_recall_within_the_accuracy_budget():
@@ -351,39 +359,39 @@ def test_fallback_threshold_is_the_highest_recall_within_the_accuracy_budget():
 
 def test_run_monitored_sees_peak_rss_and_return_code(tmp_path):
     code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5); raise SystemExit(3)"
-    r = C.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
+    r = monitor.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
     assert r["rc"] == 3 and not r["timed_out"]
     assert r["peak_rss_mb"] >= 200 and r["ru_maxrss_mb"] >= 200
-    r = C.run_monitored([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log2", _env(), tmp_path,
-                        timeout_s=1)
+    r = monitor.run_monitored([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "log2", _env(),
+                              tmp_path, timeout_s=1)
     assert r["timed_out"] and r["rc"] != 0 and r["wall_s"] < 20
 
 
 def test_a_training_killed_by_sigkill_is_reported_as_likely_out_of_memory(tmp_path):
     # What the kernel's OOM killer does to a training process: SIGKILL, Rasa's log cut mid-epoch.
     code = "import os, signal; b = bytearray(50 * 2**20); b[::4096] = b'x' * len(b[::4096]); os.kill(os.getpid(), 9)"
-    r = C.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
+    r = monitor.run_monitored([sys.executable, "-c", code], tmp_path / "log", _env(), tmp_path)
     assert r["rc"] == -9 and not r["timed_out"]
-    why = C.failure_reason(r)
+    why = monitor.failure_reason(r)
     assert why.startswith("killed by SIGKILL with a peak RSS of") and "most likely out of memory" in why
-    assert C.failure_reason({"rc": -9, "timed_out": True}) == "timed out (--train-timeout)"
-    assert r["pid"] > 0 and C._oom_kill_line(None) is None
-    assert C.oom_kill_line({"rc": -9, "timed_out": True, "pid": r["pid"]}) is None  # our own timeout kill
-    assert C.oom_kill_line({"rc": 1, "pid": r["pid"]}) is None
-    assert C.failure_reason({"rc": 1, "timed_out": False}) == "rc=1"
-    assert C.failure_reason({"rc": 0, "timed_out": False}) == "rasa exited 0 but wrote no model archive"
+    assert monitor.failure_reason({"rc": -9, "timed_out": True}) == "timed out (--train-timeout)"
+    assert r["pid"] > 0 and monitor.kernel_oom_line(None) is None
+    assert monitor.oom_kill_line({"rc": -9, "timed_out": True, "pid": r["pid"]}) is None  # our own timeout kill
+    assert monitor.oom_kill_line({"rc": 1, "pid": r["pid"]}) is None
+    assert monitor.failure_reason({"rc": 1, "timed_out": False}) == "rc=1"
+    assert monitor.failure_reason({"rc": 0, "timed_out": False}) == "rasa exited 0 but wrote no model archive"
 
 
 def test_the_kernels_oom_line_names_the_killed_training(monkeypatch):
     log = ("[60109.3] oom-kill:constraint=CONSTRAINT_NONE,task=python,pid=15540,uid=0\n"
            "[60109.3] Out of memory: Killed process 15540 (python) total-vm:29714332kB, anon-rss:24319824kB\n"
            "[60111.4] oom_reaper: reaped process 15540 (python)\n")
-    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=log))
+    monkeypatch.setattr(monitor.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=log))
     want = "Out of memory: Killed process 15540 (python) total-vm:29714332kB, anon-rss:24319824kB"
-    assert C._oom_kill_line(15540) == want
-    assert C._oom_kill_line(1554) is None  # another process's kill is not this one's
+    assert monitor.kernel_oom_line(15540) == want
+    assert monitor.kernel_oom_line(1554) is None  # another process's kill is not this one's
     run = {"rc": -9, "timed_out": False, "peak_rss_mb": 23750.0, "pid": 15540}
-    why = C.failure_reason(run, C.oom_kill_line(run))
+    why = monitor.failure_reason(run, monitor.oom_kill_line(run))
     assert "out of memory, the kernel says: Out of memory: Killed process 15540 (python)" in why
 
 
@@ -394,10 +402,10 @@ def test_sigterm_ends_the_training_process_tree(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
-    driver = (f"import signal, sys; sys.path.insert(0, {str(BENCH)!r}); import compare as C; "
-              "signal.signal(signal.SIGTERM, C._exit_on_sigterm); "
-              f"C.run_monitored([sys.executable, '-c', {child!r}], C.Path({str(tmp_path / 'log')!r}), "
-              f"dict(C.os.environ), C.Path({str(tmp_path)!r}))")
+    driver = ("import os, signal, sys; from pathlib import Path; from benchmarks import monitor; "
+              "signal.signal(signal.SIGTERM, monitor.exit_on_sigterm); "
+              f"monitor.run_monitored([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'log')!r}), "
+              f"dict(os.environ), Path({str(tmp_path)!r}))")
     proc = subprocess.Popen([sys.executable, "-c", driver], env=_env())
     deadline = time.time() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
@@ -421,7 +429,8 @@ def test_run_monitored_counts_other_processes_cpu(tmp_path):
     burn = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
                              "while time.process_time() - t < 1.5: pass"])
     try:
-        r = C.run_monitored([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log", _env(), tmp_path)
+        r = monitor.run_monitored([sys.executable, "-c", "import time; time.sleep(2.5)"], tmp_path / "log", _env(),
+                                  tmp_path)
     finally:
         burn.wait()
     assert r["rc"] == 0 and r["other_cpu_s"] >= 1.0 and r["cpu_s"] < 0.5
@@ -430,16 +439,17 @@ def test_run_monitored_counts_other_processes_cpu(tmp_path):
 # ---------------------------------------------------------------------------- CLI and report
 
 
-@pytest.mark.parametrize("script", ["compare.py", "report.py", "_rasa_eval.py"])
+@pytest.mark.parametrize("script", ["compare", "report", "continual", "bench_encoder", "eval_embeddings",
+                                    "fastpath_modes", "serve_load", "_rasa_eval"])
 def test_help(script):
-    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, env=_env(),
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], capture_output=True, text=True,
+                         env=_env(), timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
 
 
 def test_cli_names_bad_input(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(BENCH / "compare.py"), *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "benchmarks.compare", *args], capture_output=True, text=True,
                               env=_env(), timeout=120)
 
     r = run("--systems", "diet,bert", "--data-dir", str(tmp_path))
@@ -626,7 +636,7 @@ def test_report_plots(tmp_path):
 def test_plots_label_a_missing_value_with_the_runs_status():
     results = {("atis", "diet"): _atis_default_oom(), ("atis", "diet_batch128"): _incomplete("atis", "diet_batch128", [1.0], [1, 1]),
                ("atis", "diet_io"): _fake_result("atis", "diet_io", 0, 0, 0, 0, 0, status="eval_failed")}
-    assert [R.plot_status(results, "atis", s) for s in ("diet", "diet_batch128", "diet_io", "slm360")] == [
+    assert [plots.plot_status(results, "atis", s) for s in ("diet", "diet_batch128", "diet_io", "slm360")] == [
         "out of memory", "incomplete", "failed", "not run"]
 
 
@@ -671,7 +681,7 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
     ckpt = save_checkpoint(tmp_path / "small.safetensors", init_params(cfg, seed=0), cfg, NanoTokenizer.load().sha256)
     _tiny_dataset(tmp_path / "data" / "tiny")
     results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, str(BENCH / "compare.py"), "--quick", "--data-dir", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "benchmarks.compare", "--quick", "--data-dir", str(tmp_path / "data"),
            "--datasets", "tiny", "--systems", "slm360,diet", "--results-dir", str(results), "--work-dir", str(work),
            "--slm360-set", f"checkpoint={ckpt}",
            # The smallest DIET that still runs the whole path: on 2 busy cores TensorFlow's graph
@@ -705,8 +715,8 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
     assert diet["train"]["wall_s"] == pytest.approx(sum(c["wall_s"] for c in chunks), abs=0.01)
     slm = json.loads((results / "tiny__slm360.json").read_text())
     assert "train_chunks" not in slm and "chunks" not in slm["train"]
-    assert slm["config"]["overrides"][C.CLASSIFIER]["checkpoint"] == str(ckpt)
-    assert slm["config"]["overrides"][C.CLASSIFIER]["epochs"] == C.QUICK["slm360_epochs"]
+    assert slm["config"]["overrides"][systems.CLASSIFIER]["checkpoint"] == str(ckpt)
+    assert slm["config"]["overrides"][systems.CLASSIFIER]["epochs"] == systems.QUICK_EPOCHS["slm360_epochs"]
 
     # --resume (the default) skips finished pairs without starting Rasa.
     again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
@@ -726,7 +736,7 @@ def test_quick_end_to_end_slm360_and_diet_then_report(tmp_path):
     assert len(after["per_message"]["latency_ms"]) == 5
 
     out = results / "RESULTS.md"
-    rep = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results-dir", str(results)],
+    rep = subprocess.run([sys.executable, "-m", "benchmarks.report", "--results-dir", str(results)],
                          capture_output=True, text=True, env=_env(), timeout=300)
     assert rep.returncode == 0, rep.stderr
     md = out.read_text()
@@ -741,8 +751,8 @@ def test_training_failure_is_saved_with_rc_and_log_tail(tmp_path):
     import argparse
 
     _tiny_dataset(tmp_path / "data" / "tiny")
-    ds = C.load_dataset(tmp_path / "data", "tiny")
-    cfg, applied = C.build_config("slm360", True, {}, {}, {})
+    ds = D.load_dataset(tmp_path / "data", "tiny")
+    cfg, applied = systems.build_config("slm360", True, {}, {}, {})
     cfg["pipeline"][1]["name"] = "NoSuchComponent"
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=300, eval_timeout=None, quick=True, env={},
                               diet_chunk_epochs=None, max_chunks=None)
@@ -759,8 +769,8 @@ def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monk
     import argparse
 
     _tiny_dataset(tmp_path / "data" / "tiny")
-    ds = C.load_dataset(tmp_path / "data", "tiny")
-    cfg, applied = C.build_config("diet", True, {}, {"epochs": 3}, {})
+    ds = D.load_dataset(tmp_path / "data", "tiny")
+    cfg, applied = systems.build_config("diet", True, {}, {"epochs": 3}, {})
     calls = []
 
     def fake_run(cmd, log_path, env, cwd, timeout_s=None):
@@ -773,7 +783,7 @@ def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monk
         return {"cmd": cmd, "rc": 0, "timed_out": False, "wall_s": 5.0, "cpu_s": 9.0, "other_cpu_s": 0.0,
                 "peak_rss_mb": 100.0, "log": str(log_path)}
 
-    monkeypatch.setattr(C, "run_monitored", fake_run)
+    monkeypatch.setattr(monitor, "run_monitored", fake_run)
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=None, eval_timeout=None, quick=True,
                               env={}, diet_chunk_epochs=1, max_chunks=None)
     out = tmp_path / "results" / "tiny__diet.json"
@@ -782,38 +792,40 @@ def test_an_interrupted_chunked_training_records_the_saved_chunks(tmp_path, monk
     saved = json.loads(out.read_text())
     assert saved["status"] == "train_incomplete" and len(saved["train"]["chunks"]) == 1
     assert saved["error"] == "interrupted during chunk 2/3; 1 chunk(s) saved: run the same command again to continue"
-    assert R.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f") == "incomplete (1/3 chunks, 5 s)"
+    assert (run_results.cell({("tiny", "diet"): saved}, "tiny", "diet", "accuracy", ".4f")
+            == "incomplete (1/3 chunks, 5 s)")
 
 
 def test_saved_results_name_no_directory_of_this_machine():
-    root = str(C.ROOT)
-    value = {"archive": f"{root}/runs/m.tar.gz", "data": f"{C.ROOT.parent}/shared/datasets/atis",
-             "log_tail": f"warning in {root}/.venv/lib/x.py:100 while reading {C.ROOT.parent}/shared/a.jsonl",
+    root = str(store.ROOT)
+    value = {"archive": f"{root}/runs/m.tar.gz", "data": f"{store.ROOT.parent}/shared/datasets/atis",
+             "log_tail": f"warning in {root}/.venv/lib/x.py:100 while reading {store.ROOT.parent}/shared/a.jsonl",
              "n": [1, f"{root}/b"], "other": "/usr/lib/python3",
              # not a path of this machine: the same letters inside another path stay as they are
-             "tmp": f"see /tmp/x{C.ROOT.parent}/y and /tmp{root}/z"}
-    assert C._portable(value) == {"archive": "runs/m.tar.gz", "data": "../shared/datasets/atis",
+             "tmp": f"see /tmp/x{store.ROOT.parent}/y and /tmp{root}/z"}
+    assert store.portable(value) == {"archive": "runs/m.tar.gz", "data": "../shared/datasets/atis",
                                   "log_tail": "warning in .venv/lib/x.py:100 while reading ../shared/a.jsonl",
                                   "n": [1, "b"], "other": "/usr/lib/python3",
-                                  "tmp": f"see /tmp/x{C.ROOT.parent}/y and /tmp{root}/z"}
+                                  "tmp": f"see /tmp/x{store.ROOT.parent}/y and /tmp{root}/z"}
 
 
 def test_a_checkout_in_tmp_leaves_other_tmp_paths_absolute(monkeypatch):
-    monkeypatch.setattr(C, "ROOT", Path("/tmp/ci"))
-    monkeypatch.setattr(C, "SHARED", Path("/tmp/shared"))
-    assert C._portable({"ckpt": "/tmp/pytest-of-x/small.safetensors", "log": "/tmp/ci/runs/a.log",
+    monkeypatch.setattr(store, "ROOT", Path("/tmp/ci"))
+    monkeypatch.setattr(store, "SHARED", Path("/tmp/shared"))
+    assert store.portable({"ckpt": "/tmp/pytest-of-x/small.safetensors", "log": "/tmp/ci/runs/a.log",
                         "data": "/tmp/shared/datasets/atis", "text": "read /tmp/other/x and /tmp/shared/y"}) == {
         "ckpt": "/tmp/pytest-of-x/small.safetensors", "log": "runs/a.log", "data": "../shared/datasets/atis",
         "text": "read /tmp/other/x and ../shared/y"}
 
 
 def test_chunk_plan_splits_diet_epochs_only():
-    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 100}]}
-    assert C._chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
-    assert C._chunk_plan(cfg, "diet", 30) == [30, 30, 30, 10]
-    assert C._chunk_plan(cfg, "diet", 100) is None and C._chunk_plan(cfg, "diet", None) is None
-    assert C._chunk_plan(cfg, "slm360", 25) is None  # its --finetune is continual learning, not resumption
-    assert C._chunk_plan({"pipeline": [{"name": C.DIET}]}, "diet", 100) == [100, 100, 100]  # DIET's default 300
+    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": systems.DIET, "epochs": 100}]}
+    assert diet_chunks.chunk_plan(cfg, "diet", 25) == [25, 25, 25, 25]
+    assert diet_chunks.chunk_plan(cfg, "diet", 30) == [30, 30, 30, 10]
+    assert diet_chunks.chunk_plan(cfg, "diet", 100) is None and diet_chunks.chunk_plan(cfg, "diet", None) is None
+    assert diet_chunks.chunk_plan(cfg, "slm360", 25) is None  # its --finetune is continual learning, not resumption
+    # DIET's default 300 epochs where the config leaves them out
+    assert diet_chunks.chunk_plan({"pipeline": [{"name": systems.DIET}]}, "diet", 100) == [100, 100, 100]
 
 
 def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkeypatch):
@@ -821,8 +833,8 @@ def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkey
     import argparse
 
     _tiny_dataset(tmp_path / "data" / "tiny")
-    ds = C.load_dataset(tmp_path / "data", "tiny")
-    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": C.DIET, "epochs": 6}]}
+    ds = D.load_dataset(tmp_path / "data", "tiny")
+    cfg = {"pipeline": [{"name": "WhitespaceTokenizer"}, {"name": systems.DIET, "epochs": 6}]}
     calls = []
 
     def fake_train(cmd, log_path, env, cwd, timeout_s=None):
@@ -841,7 +853,7 @@ def test_interrupted_chunked_training_resumes_at_the_next_chunk(tmp_path, monkey
                       metrics={"accuracy": 1.0, "parse_p50_ms": 1.0, "serve_peak_rss_mb": 1.0})
         return C._finish(result, out_path, load_start)
 
-    monkeypatch.setattr(C, "run_monitored", fake_train)
+    monkeypatch.setattr(monitor, "run_monitored", fake_train)
     monkeypatch.setattr(C, "evaluate_archive", fake_eval)
     args = argparse.Namespace(work_dir=str(tmp_path / "work"), train_timeout=None, eval_timeout=None, quick=False,
                               env={}, diet_chunk_epochs=2, max_chunks=None)

@@ -1,14 +1,17 @@
-"""Smoke run of benchmarks/continual.py on a tiny dataset and a 2-layer checkpoint made here."""
+"""Smoke run of benchmarks.continual on a tiny dataset and a 2-layer checkpoint made here."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "continual.py"
+from benchmarks import CompareError
+from benchmarks import continual as CB
+from benchmarks.datasets import Example
+from benchmarks.monitor import repo_env
+
+SCRIPT = [sys.executable, "-m", "benchmarks.continual"]
+ENV = {**repo_env(), "RASA_TELEMETRY_ENABLED": "false"}
 
 PHRASES = {"book": "book a table for {n} people tonight", "hours": "are you open at {n} o'clock",
            "menu": "show me dish number {n} on the menu"}
@@ -33,19 +36,15 @@ def setup(tmp_path_factory):
 
 
 def CB_select(variants):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import continual as CB
-
     return CB.select_lambda(variants)
 
 
 def _run(tmp, ckpt):
-    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+    cmd = [*SCRIPT, "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
            "--epochs", "2", "--ewc-lambda", "1", "--ewc-lambda", "100", "--replay-ratio", "all",
            "--replay-ratio", "0.25", "--work-dir", str(tmp / "work"),
            "--out-dir", str(tmp / "out"), "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
 
 
 def test_continual_experiment_reports_every_variant_and_resumes(setup):
@@ -76,11 +75,10 @@ def test_continual_experiment_reports_every_variant_and_resumes(setup):
 
 def test_skewed_protocol_keeps_every_intent_and_all_of_the_focus_ones(setup):
     tmp, ckpt = setup
-    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+    cmd = [*SCRIPT, "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
            "--epochs", "2", "--ewc-lambda", "0", "--work-dir", str(tmp / "work"), "--out-dir", str(tmp / "out"),
            "--no-progress", "--protocol", "skewed", "--focus-share", "0.34", "--skew-rest", "3"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads((tmp / "out" / "continual_tiny_skewed.json").read_text())
     assert r["protocol"] == "skewed" and len(r["skew"]["focus_intents"]) == 1  # round(0.34 x 3 intents)
@@ -91,11 +89,7 @@ def test_skewed_protocol_keeps_every_intent_and_all_of_the_focus_ones(setup):
 
 
 def test_skew_update_is_seeded():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import compare as C
-    import continual as CB
-
-    rows = [C.Example(f"text {i}", f"intent{i % 10}") for i in range(200)]
+    rows = [Example(f"text {i}", f"intent{i % 10}") for i in range(200)]
     a, fa = CB.skew_update(rows, 42, 0.2, 2)
     b, fb = CB.skew_update(rows, 42, 0.2, 2)
     assert fa == fb and [r.text for r in a] == [r.text for r in b] and len(fa) == 2
@@ -104,14 +98,12 @@ def test_skew_update_is_seeded():
 
 
 def test_help_and_bad_arguments():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*SCRIPT, "--help"], capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0 and "forgetting" in out.stdout.lower()
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--ewc-lambda", "-1"], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run([*SCRIPT, "--ewc-lambda", "-1"], capture_output=True, text=True, timeout=120, env=ENV)
     assert bad.returncode != 0 and "--ewc-lambda" in bad.stderr
     for ratio in ("none", "0", "-2"):
-        bad = subprocess.run([sys.executable, str(SCRIPT), "--replay-ratio", ratio], capture_output=True,
-                             text=True, timeout=120)
+        bad = subprocess.run([*SCRIPT, "--replay-ratio", ratio], capture_output=True, text=True, timeout=120, env=ENV)
         assert bad.returncode != 0 and "--replay-ratio" in bad.stderr, ratio
 
 
@@ -119,11 +111,10 @@ def test_help_and_bad_arguments():
 def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
     pytest.importorskip("rasa")
     tmp, ckpt = setup
-    cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
+    cmd = [*SCRIPT, "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint", str(ckpt),
            "--epochs", "2", "--work-dir", str(tmp / "work-diet"), "--out-dir", str(tmp / "out-diet"), "--no-progress",
            "--systems", "slm360,diet", "--diet-epochs", "1"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads((tmp / "out-diet" / "continual_tiny.json").read_text())
     d = r["diet"]
@@ -140,8 +131,7 @@ def test_diet_anchor_runs_the_same_protocol_through_rasa(setup):
 
     # The other protocol shares half A: DIET's half-A model is reused, only the update runs.
     skewed = subprocess.run(cmd + ["--protocol", "skewed", "--focus-share", "0.34", "--skew-rest", "3"],
-                            capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+                            capture_output=True, text=True, timeout=900, env=ENV)
     assert skewed.returncode == 0, skewed.stderr[-3000:]
     assert "DIET half_a: trained in an earlier run, reused" in skewed.stderr
     assert "DIET finetune_b: rasa train nlu --finetune" in skewed.stderr
@@ -158,9 +148,6 @@ def _variant(name, lam, a_after, b_after, accepted=True, a_before=0.90, ratio=No
 
 
 def test_lambda_is_chosen_on_held_out_sets_and_checked_against_the_target():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import continual as CB
-
     plain = _variant("plain", None, 0.86, 0.95)  # forgets 4 points
     variants = [plain, _variant("ewc_replay", 0.01, 0.87, 0.95),
                 _variant("ewc_replay", 0.1, 0.89, 0.945),  # forgets 1 point, B 0.5 below plain
@@ -187,11 +174,10 @@ def test_runs_of_several_seeds_are_pooled_and_the_target_is_checked_on_the_means
     tmp, ckpt = setup
     out = tmp / "seeds"
     for seed in ("42", "7"):
-        cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint",
+        cmd = [*SCRIPT, "--data-dir", str(tmp / "data"), "--dataset", "tiny", "--checkpoint",
                str(ckpt), "--epochs", "2", "--ewc-lambda", "1", "--seed", seed, "--work-dir", str(tmp / "work"),
                "--out-dir", str(out), "--no-progress"]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "RASA_TELEMETRY_ENABLED": "false"})
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
         assert run.returncode == 0, run.stderr[-3000:]
     assert "across 2 seeds" in run.stderr
     one, two = (json.loads((out / name).read_text()) for name in ("continual_tiny.json", "continual_tiny_seed7.json"))
@@ -211,9 +197,6 @@ def test_runs_of_several_seeds_are_pooled_and_the_target_is_checked_on_the_means
 
 
 def test_pooling_refuses_runs_of_different_recipes(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import continual as CB
-
     def run(seed, epochs):
         v = {"variant": "plain", "ewc_lambda": None, "replay_ratio": None, "epochs": 1, "accepted": True,
              "seconds": 1.0, "forgetting_a": 0.0, "gain_b": 0.0,
@@ -225,7 +208,7 @@ def test_pooling_refuses_runs_of_different_recipes(tmp_path):
     assert CB.seed_summary(tmp_path, "x", "iid", False) is None  # one seed: nothing to pool
     (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 5)))
     (tmp_path / "continual_x_skewed_seed2.json").write_text(json.dumps(run(2, 10)))  # other protocol: ignored
-    with pytest.raises(CB.C.CompareError, match=r"seeds \[1, 42\] differ in epochs"):
+    with pytest.raises(CompareError, match=r"seeds \[1, 42\] differ in epochs"):
         CB.seed_summary(tmp_path, "x", "iid", False)
     (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 10)))
     s = CB.seed_summary(tmp_path, "x", "iid", False)

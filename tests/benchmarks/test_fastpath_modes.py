@@ -1,12 +1,11 @@
-"""Smoke runs of benchmarks/fastpath_modes.py on a tiny model and dataset made here."""
-import importlib.util
+"""Smoke runs of benchmarks.fastpath_modes on a tiny model and dataset made here."""
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks import fastpath_modes
 
 TRAIN = {"book": ["book a table for 4", "reserve a table", "table for two please", "get me a table"],
          "hours": ["when do you open", "what time do you close", "are you open on sunday", "opening hours"]}
@@ -15,29 +14,27 @@ TEST = [("Book a table, for 4!", "book"), ("WHEN do you open?", "hours"), ("any 
         ("how late are you around", "hours")]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fastpath_modes", ROOT / "benchmarks" / "fastpath_modes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(bare model path, dataset folder): a 2-layer model fitted for one epoch on TRAIN."""
+    from slm360_rasa.config import FinetuneConfig
     from slm360_rasa.nano.checkpoint import save_checkpoint
     from slm360_rasa.nano.config import NanoConfig
     from slm360_rasa.nano.model import init_params
     from slm360_rasa.nano.tokenizer import NanoTokenizer
-    from slm360_rasa.train.finetune import FinetuneConfig, IntentEntityModel
+    from slm360_rasa.train.continual import remember
+    from slm360_rasa.train.trainer import Trainer, start_model
 
     tmp = tmp_path_factory.mktemp("fpbench")
     cfg = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)
     ckpt = save_checkpoint(tmp / "small.safetensors", init_params(cfg, seed=0), cfg, NanoTokenizer.load().sha256)
     texts = [t for ts in TRAIN.values() for t in ts]
     intents = [i for i, ts in TRAIN.items() for _ in ts]
-    model = IntentEntityModel.from_pretrained(FinetuneConfig(epochs=1, batch_size=4), checkpoint=str(ckpt))
-    model.fit(texts, intents, [[] for _ in texts], progress=False)
+    train_cfg = FinetuneConfig(epochs=1, batch_size=4)
+    model, params = start_model(train_cfg, checkpoint=str(ckpt))
+    trainer = Trainer(model, train_cfg, params)
+    trainer.fit(texts, intents, [[] for _ in texts], progress=False)
+    remember(trainer)
     bare = model.save(tmp / "bare" / "slm360_classifier.safetensors")
     ds = tmp / "toy"
     ds.mkdir()
@@ -51,8 +48,7 @@ def tiny(tmp_path_factory):
 
 
 def _run(tmp_path, model, ds, *extra):
-    fm = _load()
-    assert fm.main(["--model", str(model), "--dataset", str(ds), "--warmup", "1", "--no-progress",
+    assert fastpath_modes.main(["--model", str(model), "--dataset", str(ds), "--warmup", "1", "--no-progress",
                     "--out-dir", str(tmp_path / "out"), *extra]) == 0
     res = json.loads((tmp_path / "out" / "fastpath_modes_toy.json").read_text())
     md = (tmp_path / "out" / "fastpath_modes_toy.md").read_text()
@@ -75,7 +71,7 @@ def test_bare_model_without_fastpath_json_rebuilds_it(tmp_path, tiny, capsys):
 
 
 def test_archive_fastpath_json_is_used(tmp_path, tiny):
-    from slm360_rasa.fastpath import FastPath
+    from slm360_rasa.model.fastpath import FastPath
 
     bare, ds = tiny
     # A fast path that knows a text train.jsonl does not: proof the archive's copy is read.
@@ -106,7 +102,7 @@ def test_bad_input_exits_with_a_message_naming_it(tmp_path, tiny, args, message)
     argv = {"--model": str(bare), "--dataset": str(ds)}
     argv.update(dict(zip(args[::2], args[1::2])))
     with pytest.raises(SystemExit) as err:
-        _load().main([x for kv in argv.items() for x in kv] + ["--out-dir", str(tmp_path)])
+        fastpath_modes.main([x for kv in argv.items() for x in kv] + ["--out-dir", str(tmp_path)])
     assert message in str(err.value)
 
 
@@ -116,11 +112,11 @@ def test_archive_without_our_model_is_refused(tmp_path, tiny):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "other.txt", arcname="components/x/other.txt")
     with pytest.raises(SystemExit) as err:
-        _load().main(["--model", str(archive), "--dataset", str(tiny[1]), "--out-dir", str(tmp_path)])
+        fastpath_modes.main(["--model", str(archive), "--dataset", str(tiny[1]), "--out-dir", str(tmp_path)])
     assert "holds no slm360_classifier.safetensors" in str(err.value)
 
 
 def test_help_runs(capsys):
     with pytest.raises(SystemExit) as err:
-        _load().main(["--help"])
+        fastpath_modes.main(["--help"])
     assert err.value.code == 0 and "--model" in capsys.readouterr().out

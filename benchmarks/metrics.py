@@ -12,6 +12,9 @@ saved JSON (benchmarks/report.py). Definitions follow ../shared/baselines/README
   equal a gold entity of the same message (exact span, character offsets);
 * out-of-scope recall is the share of out-of-scope messages whose top intent is `nlu_fallback`;
 * ECE uses 15 equal-width confidence bins over the top non-fallback intent's confidence.
+
+`summarize` and `summarize_valid` turn the evaluation process's raw parses
+(benchmarks/_rasa_eval.py) into the metrics and per-message records a result saves.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import numpy as np
 
 # One ECE for the benchmark and the model's own calibration report (slm360_rasa has no Rasa import).
 from slm360_rasa.train.calibration import ECE_BINS, expected_calibration_error, reliability_bins  # noqa: F401
+
+from benchmarks.datasets import Dataset, eval_splits
 
 FALLBACK_INTENT = "nlu_fallback"  # rasa.shared.constants.DEFAULT_NLU_FALLBACK_INTENT_NAME
 
@@ -218,3 +223,101 @@ def choose_fallback_threshold(in_conf: Sequence[float], in_correct: Sequence[boo
     best["accuracy_without_fallback"] = base
     best["max_accuracy_drop"] = max_accuracy_drop
     return best
+
+
+# ---------------------------------------------------------------------------- raw parses -> result records
+
+
+def split_results(ds: Dataset, raw: dict) -> List[list]:
+    """The raw parses cut into the lists of `eval_splits(ds)`, in the same order."""
+    out, pos = [], 0
+    for split in eval_splits(ds):
+        out.append(raw["results"][pos:pos + len(split)])
+        pos += len(split)
+    return out
+
+
+def top_intent(r: dict) -> Tuple[Optional[str], float]:
+    """Top non-fallback intent and its confidence of one raw parse from _rasa_eval.py."""
+    return top_non_fallback({"intent": {"name": r["intent"], "confidence": r["confidence"]},
+                               "intent_ranking": [{"name": a, "confidence": b} for a, b in r["ranking"]]})
+
+
+def summarize_valid(ds: Dataset, raw: dict) -> dict:
+    """Per-message records of the validation splits: gold, top non-fallback intent and its
+    confidence (in-scope `valid`), confidence (`oos_valid`). Empty dict when there are none."""
+    _, _, valid_results, oos_valid_results = split_results(ds, raw)
+    out = {}
+    if ds.valid:
+        top = [top_intent(r) for r in valid_results]
+        out["valid_per_message"] = {
+            "n": len(top), "gold": [e.intent for e in ds.valid], "pred": [t[0] for t in top],
+            "confidence": [round(t[1], 4) for t in top],
+            "accuracy": finite_or_none(accuracy([e.intent for e in ds.valid], [t[0] for t in top]))}
+    if ds.oos_valid:
+        out["oos_valid_per_message"] = {"n": len(oos_valid_results),
+                                        "confidence": [round(top_intent(r)[1], 4) for r in oos_valid_results]}
+    return out
+
+
+def summarize(ds: Dataset, raw: dict) -> Tuple[dict, dict, Optional[dict], list]:
+    """Metrics, compact per-message records, OOS records and reliability bins from raw parses."""
+    n = len(ds.test)
+    results, oos_results, _, _ = split_results(ds, raw)
+    gold = [e.intent for e in ds.test]
+    pred, conf = [], []
+    for r in results:
+        name, c = top_intent(r)
+        pred.append(name)
+        conf.append(c)
+    # Rounded as stored in per_message, so ECE recomputed from the JSON is exactly this one.
+    conf = [round(c, 4) for c in conf]
+    correct = [p == g for p, g in zip(pred, gold)]
+    fallback = [r["intent"] == FALLBACK_INTENT for r in results]
+    lat = [round(r["latency_ms"], 3) for r in results]  # as stored: P50/P99 recompute exactly
+    has_entities = any(e.entities for e in ds.train) or any(e.entities for e in ds.test)
+    ent = entity_micro_f1([e.entities for e in ds.test], [[tuple(x) for x in r["entities"]] for r in results]) \
+        if has_entities else None
+    labels = sorted(set(gold) | {p for p in pred if p is not None})
+    index = {name: i for i, name in enumerate(labels)}
+    metrics = {
+        "n_test": n,
+        "accuracy": accuracy(gold, pred),
+        "macro_f1": macro_f1(gold, pred),
+        "entity_micro_f1": ent["f1"] if ent else None,
+        "entity_precision": ent["precision"] if ent else None,
+        "entity_recall": ent["recall"] if ent else None,
+        "fallback_rate_in_scope": sum(fallback) / n if n else None,
+        "accuracy_after_fallback": sum(c and not f for c, f in zip(correct, fallback)) / n if n else None,
+        "ece": expected_calibration_error(conf, correct),
+        "mean_confidence": sum(conf) / n if n else None,
+        "parse_p50_ms": percentile(lat, 50),
+        "parse_p99_ms": percentile(lat, 99),
+        "parse_mean_ms": sum(lat) / n if n else None,
+        "n_oos": None, "oos_recall": None,
+    }
+    metrics = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in metrics.items()}
+    per_message = {
+        "labels": labels,
+        "gold": [index[g] for g in gold],
+        "pred": [index[p] if p is not None else -1 for p in pred],
+        "confidence": conf,
+        "correct": bits_to_str(correct),
+        "fallback": bits_to_str(fallback),
+        "latency_ms": lat,
+    }
+    if ent:
+        per_message["entity_counts"] = {k: ent[k] for k in ("tp", "n_gold", "n_pred")}
+    oos = None
+    if ds.oos is not None:
+        top = [r["intent"] for r in oos_results]
+        metrics["n_oos"] = len(top)
+        metrics["oos_recall"] = finite_or_none(oos_recall(top))
+        oos = {"fallback": bits_to_str(t == FALLBACK_INTENT for t in top),
+               "confidence": [round(top_non_fallback({"intent_ranking": [{"name": a, "confidence": b}
+                                                                            for a, b in r["ranking"]]})[1], 4)
+                              for r in oos_results],
+               "latency_ms": [round(r["latency_ms"], 3) for r in oos_results]}
+    reliability = [{k: (finite_or_none(v, 4) if isinstance(v, float) else v) for k, v in b.items()}
+                   for b in reliability_bins(conf, correct)]
+    return metrics, per_message, oos, reliability
