@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import CompareError
 from benchmarks import continual as CB
+from benchmarks import continual_report as CR
 from benchmarks.datasets import Example
 from benchmarks.monitor import repo_env
 
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
 
 
 def CB_select(variants):
-    return CB.select_lambda(variants)
+    return CR.select_lambda(variants)
 
 
 def _run(tmp, ckpt):
@@ -153,18 +154,18 @@ def test_lambda_is_chosen_on_held_out_sets_and_checked_against_the_target():
                 _variant("ewc_replay", 0.1, 0.89, 0.945),  # forgets 1 point, B 0.5 below plain
                 _variant("ewc_replay", 1.0, 0.90, 0.93),  # forgets nothing but learns 2 points less
                 _variant("ewc_replay", 10.0, 0.90, 0.95, accepted=False)]  # refused by the guard
-    sel = CB.select_lambda(variants)
+    sel = CR.select_lambda(variants)
     assert sel["ewc_lambda"] == 0.1 and sel["target_met"] is True and sel["b_heldout_gap"] == pytest.approx(0.005)
-    sel = CB.select_lambda([plain, _variant("ewc_replay", 0.01, 0.87, 0.95)])
+    sel = CR.select_lambda([plain, _variant("ewc_replay", 0.01, 0.87, 0.95)])
     assert sel["ewc_lambda"] == 0.01 and sel["target_met"] is False and "more than half" in sel["why"]
-    sel = CB.select_lambda([plain, _variant("ewc_replay", 1.0, 0.90, 0.93)])
+    sel = CR.select_lambda([plain, _variant("ewc_replay", 1.0, 0.90, 0.93)])
     assert sel["ewc_lambda"] is None and sel["target_met"] is False
     gaining = _variant("plain", None, 0.91, 0.95)  # plain finetuning gained on A: nothing to halve
-    sel = CB.select_lambda([gaining, _variant("ewc_replay", 0.1, 0.90, 0.95)])
+    sel = CR.select_lambda([gaining, _variant("ewc_replay", 0.1, 0.90, 0.95)])
     assert sel["target_met"] is None and "forgot nothing" in sel["why"]
-    assert CB.select_lambda([plain]) is None
+    assert CR.select_lambda([plain]) is None
     # Ties on forgetting go to the smaller lambda, then the smaller replay ratio (whole buffer last).
-    sel = CB.select_lambda([plain, _variant("ewc_replay", 0.1, 0.89, 0.95),
+    sel = CR.select_lambda([plain, _variant("ewc_replay", 0.1, 0.89, 0.95),
                             _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.5),
                             _variant("ewc_replay", 0.1, 0.89, 0.95, ratio=0.25)])
     assert (sel["ewc_lambda"], sel["replay_ratio"], sel["target_met"]) == (0.1, 0.25, True)
@@ -205,11 +206,11 @@ def test_pooling_refuses_runs_of_different_recipes(tmp_path):
                 "split": {}, "half_a_model": {"epochs": epochs, "accuracy": v["after"]}, "variants": [v]}
 
     (tmp_path / "continual_x.json").write_text(json.dumps(run(42, 10)))
-    assert CB.seed_summary(tmp_path, "x", "iid", False) is None  # one seed: nothing to pool
+    assert CR.seed_summary(tmp_path, "x", "iid", False) is None  # one seed: nothing to pool
     (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 5)))
     (tmp_path / "continual_x_skewed_seed2.json").write_text(json.dumps(run(2, 10)))  # other protocol: ignored
     with pytest.raises(CompareError, match=r"seeds \[1, 42\] differ in epochs"):
-        CB.seed_summary(tmp_path, "x", "iid", False)
+        CR.seed_summary(tmp_path, "x", "iid", False)
     (tmp_path / "continual_x_seed1.json").write_text(json.dumps(run(1, 10)))
-    s = CB.seed_summary(tmp_path, "x", "iid", False)
+    s = CR.seed_summary(tmp_path, "x", "iid", False)
     assert s["seeds"] == [1, 42] and (tmp_path / "continual_x_across_seeds.md").is_file()
