@@ -6,7 +6,7 @@ these functions too, so every layer has a `*_forward` returning `(out, cache)` a
 `*_backward` taking the upstream gradient and the cache. All functions follow the dtype
 of their inputs: float32 for training, float64 for the finite-difference gradient checks.
 
-Architecture (DESIGN.md section 3):
+Architecture (docs/DESIGN.md, "The encoder"):
 
     ids -> tok_embeddings -> n_layers x [
         x = x + wo(Attention(RoPE(wq(rmsnorm(x))), RoPE(wk(rmsnorm(x))), wv(rmsnorm(x))))

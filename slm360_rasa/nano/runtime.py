@@ -20,14 +20,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import numba
 import numpy as np
 
-from . import kernels
-from .config import NanoConfig
+from .config import PRECISIONS, NanoConfig
+from .kernels import EncoderWeights, LinearStack, Scratch, encoder_forward, repack_q4
 from .model import Params, init_params, rope_cos_sin
-from .quant import CODES_SUFFIX, QK, Q4Tensor, QuantError, float_params, padded_width, q4_from_tensors, quantize_q4
+from .quant import CODES_SUFFIX, Q4Tensor, QuantError, float_params, padded_width, q4_from_tensors, quantize_q4
 
-logger = logging.getLogger("slm360_rasa")
-
-PRECISIONS = ("int4", "f32")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,11 +84,13 @@ class Encoder:
             raise ValueError("pass exactly one of params (float weights) or q4_tensors (INT4 weights)")
         if q4_tensors is not None and precision == "f32":
             params, q4_tensors = float_params(q4_tensors, config), None
-        self._build(params, q4_tensors)
-        self.cos, self.sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_theta, np.float32)
+        arrays = self._pack(params, q4_tensors)
+        cos, sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_theta, np.float32)
+        self.weights = EncoderWeights.make(
+            quantized=self.precision == "int4", n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
+            hidden_width=self.hidden_width, eps=config.norm_eps, cos=cos, sin=sin, **arrays)
         self._lock = threading.Lock()
-        self._cap = 0
-        self._pooled = np.empty((0, config.dim), np.float32)
+        self._scratch = Scratch.allocate(0, 0, config.dim, config.dim + 2 * config.kv_dim, self.hidden_width)
 
     # ------------------------------------------------------------------ constructors
 
@@ -133,11 +133,11 @@ class Encoder:
 
     # ------------------------------------------------------------------ weight packing
 
-    def _build(self, params: Optional[Params], q4: Optional[Dict[str, np.ndarray]]) -> None:
+    def _pack(self, params: Optional[Params], q4: Optional[Dict[str, np.ndarray]]) -> Dict[str, object]:
+        """The arrays of `EncoderWeights` for this precision; sets hidden_width, quant_errors, weight_bytes."""
         cfg = self.config
         L, C, H = cfg.n_layers, cfg.dim, cfg.hidden_dim
         quantized = self.precision == "int4"
-        self._quantized = quantized
         # Q4 needs the hidden width padded to whole groups for w2's input; f32 does not.
         Hw = padded_width(H) if quantized else H
         self.hidden_width = Hw
@@ -163,9 +163,13 @@ class Encoder:
             out[: a.shape[0]] = a
             return out
 
-        self.attn_norm = np.stack([norm(f"layers.{i}.attention_norm") for i in range(L)])  # (L, C)
-        self.ffn_norm = np.stack([norm(f"layers.{i}.ffn_norm") for i in range(L)])  # (L, C)
-        self.final_norm = norm("norm")
+        norms = dict(attn_norm=np.stack([norm(f"layers.{i}.attention_norm") for i in range(L)]),  # (L, C)
+                     ffn_norm=np.stack([norm(f"layers.{i}.ffn_norm") for i in range(L)]),  # (L, C)
+                     final_norm=norm("norm"))
+        norm_bytes = 4 * sum(a.size for a in norms.values())
+        # Empty stacks for the precision not run keep their rank, so both share one compiled forward.
+        no_f32 = np.zeros((L, 0, 0), np.float32)
+        no_codes, no_scales = np.zeros((L, 0, 0, 0), np.uint8), np.zeros((L, 0, 0, 0), np.float32)
 
         if quantized:
             emb = matrix_q4("tok_embeddings", C)
@@ -181,43 +185,31 @@ class Encoder:
                                      pad_rows(t.scales, Hw), C) for t in (w1, w3)])
                 w2.append(matrix_q4(p + "w2", H))
 
-            def stack(groups):
+            def stack(groups) -> LinearStack:
                 # Planar Q4 rows -> the VNNI tiled layout of kernels.matmul_q8q4 (see kernels.repack_q4).
-                tiled = [kernels.repack_q4(np.concatenate([t.codes for t in g]),
-                                           np.concatenate([t.scales for t in g])) for g in groups]
+                tiled = [repack_q4(np.concatenate([t.codes for t in g]), np.concatenate([t.scales for t in g]))
+                         for g in groups]
                 codes = np.stack([c for c, _ in tiled])  # (L, T, K/QK, 512) uint8
                 scales = np.stack([s for _, s in tiled])  # (L, T, K/QK, Q4_TILE) float32
-                return codes, scales
+                return LinearStack(no_f32, codes, scales)
 
-            norm_bytes = 4 * (self.attn_norm.size + self.ffn_norm.size + self.final_norm.size)
             self.weight_bytes_stored = sum(t.nbytes for t in stored) + norm_bytes
-            self.emb_c, self.emb_s = emb.codes, emb.scales.astype(np.float32)
-            self.wqkv_c, self.wqkv_s = stack(qkv)
-            self.wo_c, self.wo_s = stack([[t] for t in wo])
-            self.w13_c, self.w13_s = stack(w13)
-            self.w2_c, self.w2_s = stack([[t] for t in w2])
-            self.emb_f = np.zeros((0, 0), np.float32)
-            self.wqkv_f = self.wo_f = self.w13_f = self.w2_f = np.zeros((L, 0, 0), np.float32)
-            return
+            return dict(emb_f32=np.zeros((0, 0), np.float32), emb_codes=emb.codes,
+                        emb_scales=emb.scales.astype(np.float32), **norms,
+                        wqkv=stack(qkv), wo=stack([[t] for t in wo]), w13=stack(w13), w2=stack([[t] for t in w2]))
 
         f32 = lambda name: np.ascontiguousarray(params[name], dtype=np.float32)  # noqa: E731
-        self.emb_f = f32("tok_embeddings")
-        self.wqkv_f = np.stack([np.concatenate([f32(f"layers.{i}.{n}") for n in ("wq", "wk", "wv")])
-                                for i in range(L)])  # (L, C + 2 KV D, C)
-        self.wo_f = np.stack([f32(f"layers.{i}.wo") for i in range(L)])  # (L, C, C)
-        self.w13_f = np.stack([np.concatenate([f32(f"layers.{i}.w1"), f32(f"layers.{i}.w3")])
-                               for i in range(L)])  # (L, 2 H, C)
-        self.w2_f = np.stack([f32(f"layers.{i}.w2") for i in range(L)])  # (L, C, H)
-        self.weight_bytes_stored = 4 * sum(int(np.prod(s)) for s in cfg.param_shapes().values())
-        self._set_empty_q4(L)
 
-    def _set_empty_q4(self, L: int) -> None:
-        e2u, e2f = np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)
-        # Empty Q4 stacks keep the tiled rank (L, T, K/QK, 512) so matmul_q8q4 still types.
-        e3u, e3f = np.zeros((L, 0, 0, 0), np.uint8), np.zeros((L, 0, 0, 0), np.float32)
-        self.emb_c, self.emb_s = e2u, e2f
-        self.wqkv_c = self.wo_c = self.w13_c = self.w2_c = e3u
-        self.wqkv_s = self.wo_s = self.w13_s = self.w2_s = e3f
+        def stack_f32(parts) -> LinearStack:
+            # (L, sum of the parts' rows, K): the parts of one layer's map, concatenated by output.
+            return LinearStack(np.stack([np.concatenate([f32(f"layers.{i}.{n}") for n in parts]) for i in range(L)]),
+                               no_codes, no_scales)
+
+        self.weight_bytes_stored = 4 * sum(int(np.prod(s)) for s in cfg.param_shapes().values())
+        return dict(emb_f32=f32("tok_embeddings"), emb_codes=np.zeros((0, 0), np.uint8),
+                    emb_scales=np.zeros((0, 0), np.float32), **norms,
+                    wqkv=stack_f32(("wq", "wk", "wv")), wo=stack_f32(("wo",)), w13=stack_f32(("w1", "w3")),
+                    w2=stack_f32(("w2",)))
 
     @property
     def weight_bytes(self) -> int:
@@ -227,24 +219,13 @@ class Encoder:
     # ------------------------------------------------------------------ buffers + forward
 
     def _ensure_capacity(self, n_tokens: int, n_seqs: int) -> None:
-        cfg = self.config
-        if n_tokens > self._cap:
-            cap = max(n_tokens, 2 * self._cap, 64)
-            C, qkv_w = cfg.dim, cfg.dim + 2 * cfg.kv_dim
-            self._x = np.empty((cap, C), np.float32)
-            self._xn = np.empty((cap, C), np.float32)
-            self._att = np.empty((cap, C), np.float32)
-            self._proj = np.empty((cap, C), np.float32)
-            self._qkv = np.empty((cap, qkv_w), np.float32)
-            self._h13 = np.empty((cap, 2 * self.hidden_width), np.float32)
-            self._gate = np.empty((cap, self.hidden_width), np.float32)
-            widest = max(C, self.hidden_width)  # block_q8 scratch for every INT4 matmul input
-            self._xq = np.empty((cap, widest), np.int8)
-            self._xs = np.empty((cap, widest // QK), np.float32)
-            self._xsum8 = np.empty((cap, widest // QK), np.int32)
-            self._cap = cap
-        if n_seqs > self._pooled.shape[0]:
-            self._pooled = np.empty((max(n_seqs, 2 * self._pooled.shape[0], 16), cfg.dim), np.float32)
+        s, cfg = self._scratch, self.config
+        if n_tokens > s.n_tokens:
+            s = Scratch.allocate(max(n_tokens, 2 * s.n_tokens, 64), s.n_seqs, cfg.dim, cfg.dim + 2 * cfg.kv_dim,
+                                 self.hidden_width)
+        if n_seqs > s.n_seqs:
+            s = s._replace(pooled=np.empty((max(n_seqs, 2 * s.n_seqs, 16), cfg.dim), np.float32))
+        self._scratch = s
 
     def forward_packed(self, ids: np.ndarray, lengths: np.ndarray):
         """Run packed token ids (N,) of sequences with `lengths` (B,).
@@ -265,29 +246,17 @@ class Encoder:
         np.cumsum(lengths, out=starts[1:])
         positions = np.arange(N, dtype=np.int64) - np.repeat(starts[:-1], lengths)
         self._ensure_capacity(N, B)
-        x, xn = self._x[:N], self._xn[:N]
+        scratch = self._scratch.head(N, B)
         serial = N < self.parallel_min_tokens
         if serial:
             threads = numba.get_num_threads()
             numba.set_num_threads(1)  # thread-local in numba: other callers are unaffected
         try:
-            self._run(ids, starts, positions, x, xn, N, B)
+            encoder_forward(ids, starts, positions, self.weights, scratch, numba.get_num_threads() == 1)
         finally:
             if serial:
                 numba.set_num_threads(threads)
-        return xn, self._pooled[:B]
-
-    def _run(self, ids, starts, positions, x, xn, N: int, B: int) -> None:
-        cfg = self.config
-        kernels.encoder_forward(
-            ids, starts, positions, self._quantized, self.emb_f, self.emb_c, self.emb_s,
-            self.attn_norm, self.ffn_norm, self.final_norm,
-            self.wqkv_f, self.wqkv_c, self.wqkv_s, self.wo_f, self.wo_c, self.wo_s,
-            self.w13_f, self.w13_c, self.w13_s, self.w2_f, self.w2_c, self.w2_s,
-            self.cos, self.sin, cfg.n_heads, cfg.n_kv_heads, self.hidden_width, np.float32(cfg.norm_eps),
-            x, xn, self._qkv[:N], self._att[:N], self._proj[:N], self._h13[:N], self._gate[:N],
-            self._pooled[:B], self._xq[:N], self._xs[:N], self._xsum8[:N], numba.get_num_threads() == 1,
-        )
+        return scratch.xn, scratch.pooled
 
     def _chunks(self, lengths: np.ndarray):
         """Index groups, sorted by length, each holding at most batch_tokens tokens."""

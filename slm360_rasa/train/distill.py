@@ -1,4 +1,4 @@
-"""Pretraining SLM360 Nano by distillation from all-MiniLM-L6-v2 (DESIGN.md section 4).
+"""Pretraining SLM360 Nano by distillation from all-MiniLM-L6-v2 (docs/DESIGN.md, "Where the weights come from").
 
 The student's mean-pooled embedding, projected 256 -> 384 by a linear map (trained with
 it, dropped afterwards), is pulled towards the teacher's L2-normalised sentence embedding:
@@ -30,7 +30,7 @@ from ..nano.config import NanoConfig
 from .data import epoch_batches, pad
 from .optim import AdamW, OptimConfig
 
-logger = logging.getLogger("slm360_rasa")
+logger = logging.getLogger(__name__)
 
 TEACHER_DIM = 384
 STATE_FILE = "state.safetensors"
@@ -369,7 +369,7 @@ def export_release(cfg: DistillConfig, dest: Path, dtype=np.float16) -> Path:
 
 
 def _file_logger(path: Path) -> logging.Logger:
-    lg = logging.getLogger(f"slm360_rasa.pretrain.{path}")
+    lg = logging.getLogger(f"{__name__}.run.{path}")  # one file handler per run log
     if not lg.handlers:
         h = logging.FileHandler(path, encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

@@ -9,7 +9,7 @@ pytest.importorskip("rasa")
 BAD = ["", "   ", "x" * 10_000, "🙂🚀🎉", "ctrl\x00\x01\x1b[31m", "你好，我想订一张桌子", "مرحبا", "Привет"]
 
 
-from conftest import parse, write_config as _config  # noqa: E402
+from tests.components.conftest import parse, write_config as _config  # noqa: E402
 
 
 @pytest.fixture(scope="module")

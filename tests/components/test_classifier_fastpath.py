@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("rasa")
 
-from conftest import NLU, parse, write_config  # noqa: E402
+from tests.components.conftest import NLU, parse, write_config  # noqa: E402
 
 RESOURCE = "train_slm360_rasa.SLM360Classifier1"
 # Rules the fast path should learn: a pure regex (4 opening_hours examples), a pure lookup

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("rasa")
 
-from conftest import NLU, write_config  # noqa: E402
+from tests.components.conftest import NLU, write_config  # noqa: E402
 
 MODEL_FILE = "slm360_classifier.safetensors"
 HOLDOUT = {"holdout_fraction": 0.34}  # 2 of the 6 examples per intent: a guard set of 6

@@ -1,9 +1,10 @@
-"""Numba kernels (nano/kernels.py) against the numpy reference (nano/model.py, nano/quant.py)."""
+"""Numba kernels (nano/kernels/) against the numpy reference (nano/model.py, nano/quant.py)."""
 import numba
 import numpy as np
 import pytest
 
 from slm360_rasa.nano import kernels as K
+from slm360_rasa.nano.kernels import _ir as IR
 from slm360_rasa.nano import model as M
 from slm360_rasa.nano import quant as Q
 from slm360_rasa.nano.config import NanoConfig
@@ -102,8 +103,8 @@ def test_repack_q4_layout(rng):
 
 @numba.njit
 def _micro_both(acc_hw, acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3):
-    K._q8q4_4x32(acc_hw, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 1)
-    K._q8q4_4x32(acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 0)
+    IR._q8q4_4x32(acc_hw, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 1)
+    IR._q8q4_4x32(acc_generic, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, 0)
 
 
 HW = K.HAS_VNNI  # a plain int global: numba passes it to the intrinsic as a literal
@@ -111,10 +112,10 @@ HW = K.HAS_VNNI  # a plain int global: numba passes it to the intrinsic as a lit
 
 @numba.njit
 def _micro_tails(acc4, acc1, acc2, acc3, codes, scales, t, xq, xs, xm, n0, n1, n2, n3):
-    K._q8q4_4x32(acc4, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, HW)
-    K._q8q4_4x32(acc1, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 1, HW)
-    K._q8q4_4x32(acc2, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 2, HW)
-    K._q8q4_4x32(acc3, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 3, HW)
+    IR._q8q4_4x32(acc4, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 4, HW)
+    IR._q8q4_4x32(acc1, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 1, HW)
+    IR._q8q4_4x32(acc2, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 2, HW)
+    IR._q8q4_4x32(acc3, codes, scales, t, xq, xs, xm, n0, n1, n2, n3, 3, HW)
 
 
 def test_micro_kernel_tails_equal_the_four_token_kernel(rng):
@@ -198,9 +199,9 @@ def test_rope_and_attention_on_packed_sequences(rng):
     K.rope_inplace(qkv, positions, cos, sin, H + KV, D)
     out = np.empty((9, H * D), np.float32)
     K.attention(qkv, starts, H, KV, D, out)
-    serial = np.empty_like(out)
-    K.attention_serial(qkv, starts, H, KV, D, serial)
-    np.testing.assert_array_equal(serial, out)  # same jobs, same order of sums: bit-identical
+    ser = np.empty_like(out)
+    K.attention(qkv, starts, H, KV, D, ser, serial=True)
+    np.testing.assert_array_equal(ser, out)  # same jobs, same order of sums: bit-identical
     for b, s in enumerate(seqs):
         T = lengths[b]
         q = M.rope_forward(s[:, : H * D].reshape(1, T, H, D), cos, sin)
@@ -231,7 +232,7 @@ def test_rank1_micro_kernel_on_offset_strided_operands(rng, kn):
 
     @njit
     def run(acc, w, w_row, w_col, kn, x, rows, x_col):
-        K._rank1_4x32(acc, w, w_row, w_col, kn, x, rows[0], rows[1], rows[2], rows[3], x_col)
+        IR._rank1_4x32(acc, w, w_row, w_col, kn, x, rows[0], rows[1], rows[2], rows[3], x_col)
 
     w = rng.standard_normal((50, 70)).astype(np.float32)  # row stride 70, columns from 5
     x = rng.standard_normal((9, 60)).astype(np.float32)
@@ -365,5 +366,5 @@ def test_matmul_q8q4_serial_equals_parallel(rng):
         xq, xs, xm = q8(rng.standard_normal((n, 288)).astype(np.float32))
         par, ser = np.empty((n, 72), np.float32), np.full((n, 72), np.nan, np.float32)
         K.matmul_q8q4(xq, xs, xm, codes, scales, par)
-        K.matmul_q8q4_serial(xq, xs, xm, codes, scales, ser)
+        K.matmul_q8q4(xq, xs, xm, codes, scales, ser, serial=True)
         np.testing.assert_array_equal(ser, par)

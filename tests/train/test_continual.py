@@ -17,7 +17,7 @@ from slm360_rasa.nano.tokenizer import NanoTokenizer
 from slm360_rasa.train.continual import ContinualLearner, EWCPenalty, empirical_fisher, remember
 from slm360_rasa.train.data import pad
 from slm360_rasa.train.trainer import Replay, Trainer, start_model
-from toybot import columns, toy_examples
+from tests.train.toybot import columns, toy_examples
 
 SMALL = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
 BASE = dict(epochs=20, batch_size=8, learning_rate=2e-3, holdout_fraction=0.25)

@@ -22,7 +22,7 @@ from slm360_rasa.train.calibration import (MIN_CALIBRATION_EXAMPLES, MIN_IN_SCOP
 from slm360_rasa.train.continual import remember
 from slm360_rasa.train.finetune import finetune
 from slm360_rasa.train.trainer import Trainer, start_model
-from toybot import columns, toy_examples
+from tests.train.toybot import columns, toy_examples
 
 SMALL = NanoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=64)
 
