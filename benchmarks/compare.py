@@ -1,4 +1,4 @@
-"""DIET vs SLM360 through real Rasa: `rasa train nlu` + `Agent.parse_message` (DESIGN.md section 6).
+"""DIET vs SLM360 through real Rasa: `rasa train nlu` + `Agent.parse_message` (docs/DESIGN.md, "Benchmark protocol").
 
 For each dataset x system, one pair at a time:
 

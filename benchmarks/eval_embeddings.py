@@ -1,4 +1,4 @@
-"""Frozen-encoder evaluation: logistic regression on sentence embeddings (DESIGN.md section 4).
+"""Frozen-encoder evaluation: logistic regression on sentence embeddings (docs/DESIGN.md, "Where the weights come from").
 
 For each encoder (the teacher all-MiniLM-L6-v2, the pretrained student in f32 and INT4, and a
 randomly initialised student), embed the train and test splits of Banking77 and CLINC150

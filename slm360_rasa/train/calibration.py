@@ -24,7 +24,7 @@ chosen on valid / oos_valid as the README describes): oos_test recall 0.526 -> 0
 in-scope test accuracy drops 1.00 point instead of 1.07; test ECE 0.026 -> 0.020. On
 Banking77 (no out-of-scope data) ECE 0.010 -> 0.011.
 
-The ECE here is the one the benchmark reports (benchmarks/_metrics.py imports it): 15
+The ECE here is the one the benchmark reports (benchmarks/metrics.py imports it): 15
 equal-width confidence bins of (0, 1], each weighted by its share of the examples.
 """
 from __future__ import annotations
