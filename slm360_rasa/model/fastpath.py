@@ -52,11 +52,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..checks import check_choice, check_int, check_number, dataclass_from_dict, is_int
 from ..config import MODES
 from .normalize import SEP, normalize, normalize_ascii, normalize_spans
 
@@ -78,30 +79,16 @@ class FastPathConfig:
     pattern_weight: float = 1.0  # scales a regex/lookup hit's reliability (0 < w <= 1)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.min_support, bool) or not isinstance(self.min_support, int) or self.min_support < 1:
-            raise ValueError(f"min_support must be an integer >= 1, got {self.min_support!r}")
-        if not _is_number(self.min_precision) or not 0.5 < self.min_precision <= 1.0:
-            # <= 0.5 would let a pattern "identify" an intent it is wrong about half the time.
-            raise ValueError(f"min_precision must be a number in (0.5, 1], got {self.min_precision!r}")
-        if not _is_number(self.pattern_weight) or not 0.0 < self.pattern_weight <= 1.0:
-            raise ValueError(f"pattern_weight must be a number in (0, 1], got {self.pattern_weight!r}")
+        check_choice("mode", self.mode, MODES)
+        check_int("min_support", self.min_support, lo=1)
+        # <= 0.5 would let a pattern "identify" an intent it is wrong about half the time.
+        check_number("min_precision", self.min_precision, 0.5, 1.0, lo_open=True)
+        check_number("pattern_weight", self.pattern_weight, 0.0, 1.0, lo_open=True)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FastPathConfig":
         """Build from a dict; unknown keys are an error naming them."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"fast path config must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown fast path config keys {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+        return dataclass_from_dict(cls, d, "fast path config")
 
 
 @dataclass
@@ -446,7 +433,7 @@ def _exact_from_dict(norm, p) -> _ExactPattern:
     intent, support, ents = p.get("intent"), p.get("support"), p.get("entities")
     if not isinstance(intent, str) or not intent:
         raise ValueError(f"{where}: 'intent' must be a non-empty string, got {intent!r}")
-    if isinstance(support, bool) or not isinstance(support, int) or support < 1:
+    if not is_int(support) or support < 1:
         raise ValueError(f"{where}: 'support' must be a positive integer, got {support!r}")
     if ents is not None:
         if not isinstance(ents, list):

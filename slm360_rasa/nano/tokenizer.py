@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..checks import check_int
 from ..fileio import atomic_write_bytes
 from .assets import tokenizer_path
 
@@ -116,12 +117,9 @@ def train_tokenizer(
     """
     corpus = Path(corpus_path)
     out = Path(out_path)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
-        raise TokenizerError(
-            f"vocab_size must be an integer larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size!r}"
-        )
-    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
-        raise TokenizerError(f"min_frequency must be a non-negative integer, got {min_frequency!r}")
+    # More tokens than the special ones, or there is nothing to learn.
+    check_int("vocab_size", vocab_size, lo=len(SPECIAL_TOKENS) + 1, error=TokenizerError)
+    check_int("min_frequency", min_frequency, lo=0, error=TokenizerError)
     if not corpus.is_file():
         raise FileNotFoundError(
             f"tokenizer corpus {corpus} does not exist (cwd: {Path.cwd()}); pass --corpus PATH "
@@ -299,11 +297,7 @@ class NanoTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, not str; convert it to str first")
-        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
-            raise ValueError(
-                f"max_length must be an integer >= 2 (it counts [CLS] and [SEP]), got {max_length!r}"
-            )
-        max_length = int(max_length)
+        max_length = check_int("max_length (it counts [CLS] and [SEP])", max_length, lo=2)
 
         n = len(texts)
         if n == 0:

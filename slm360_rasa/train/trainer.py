@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..checks import check_int
 from ..config import FinetuneConfig
 from ..model.examples import Examples
 from ..model.heads import ENTITY, INTENT
@@ -51,9 +52,8 @@ class Replay:
     per_epoch: Optional[int] = None
 
     def __post_init__(self) -> None:
-        r = self.per_epoch
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0):
-            raise ValueError(f"replay_per_epoch must be an integer >= 0 or None, got {r!r}")
+        if self.per_epoch is not None:
+            check_int("replay_per_epoch", self.per_epoch, lo=0)
 
 
 def start_model(cfg: FinetuneConfig, checkpoint: Optional[str] = None, precision: str = "int4",
