@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from benchmarks import BENCH_DIR, ROOT, CompareError
+from benchmarks import BENCH_DIR, CompareError
 
 CONFIG_DIR = BENCH_DIR / "configs"
 CLASSIFIER = "slm360_rasa.SLM360Classifier"

@@ -58,25 +58,24 @@ def _finite(v: Any) -> bool:
     return is_number(v) and math.isfinite(v)
 
 
-def _examples(v: Any) -> str:
-    try:
-        Examples.from_json(v)
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return ""
+def _builds(build: Callable[[Any], Any]) -> Callable[[Any], str]:
+    """A schema entry from a constructor that validates: "" when `build(v)` succeeds, else its error."""
+    def check(v: Any) -> str:
+        try:
+            build(v)
+        except (ValueError, TypeError) as e:
+            return str(e)
+        return ""
+    return check
 
 
-def _finetune(v: Any) -> str:
+def _finetune(v: Any) -> Any:
     # Every field, not only the known ones: a file that lacks one was written by another
     # version, whose default may have differed from ours.
     missing = sorted({f.name for f in fields(FinetuneConfig)} - set(v)) if isinstance(v, dict) else []
     if missing:
-        return f"missing setting(s) {missing}"
-    try:
-        FinetuneConfig.from_dict(v)
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return ""
+        raise ValueError(f"missing setting(s) {missing}")
+    return FinetuneConfig.from_dict(v)
 
 
 def _fisher(v: Any) -> str:
@@ -106,10 +105,10 @@ SCHEMA: Dict[str, Callable[[Any], str]] = {
     "temperature": _check(lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "background_logit": _check(lambda v: v is None or _finite(v), "a finite number or null"),
     "calibration": _check(lambda v: isinstance(v, dict), "an object"),
-    "finetune": _finetune,
+    "finetune": _builds(_finetune),
     "history": _check(_records, "a list of objects"),
-    "holdout": _examples,
-    "replay": _examples,
+    "holdout": _builds(Examples.from_json),
+    "replay": _builds(Examples.from_json),
     "fisher": _fisher,
     "continual": _check(_records, "a list of objects"),
 }
