@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Write nano/assets/MODEL_CARD.md and loss_curve.png for the released checkpoint.
 
+    python -m scripts.model_card --help      (from the repository root)
+
 Reads the pretraining run (its state file: config, step, loss history; its log: wall time)
 and, if present, benchmarks/results/eval_embeddings.json. Every figure in the card comes from
 those files; nothing is typed in by hand.
@@ -9,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import sys
 from pathlib import Path
 
+from slm360_rasa.fileio import file_sha256
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def wall_time_s(log_path: Path) -> float:
@@ -63,7 +65,8 @@ def plot(history, out: Path) -> None:
 
 def main(argv=None) -> int:
     """Entry point; see --help."""
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m scripts.model_card", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/pretrain", help="pretraining run folder")
     ap.add_argument("--checkpoint", default=str(ROOT / "slm360_rasa/nano/assets/slm360-nano.safetensors"))
     ap.add_argument("--eval", default=str(ROOT / "benchmarks/results/eval_embeddings.json"))
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     assets = Path(args.checkpoint).parent
     plot(history, assets / "loss_curve.png")
     ckpt = Path(args.checkpoint)
-    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    sha = file_sha256(ckpt)
     rel = D.load_checkpoint(ckpt)
     errors = rel.extra.get("quant_error", {})
     worst = max(errors.items(), key=lambda kv: kv[1]["rel_rmse"]) if errors else None

@@ -8,6 +8,7 @@ trained model leaves training code and the optimizer unimported.
 """
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,22 @@ def trained_model_file(tmp_path_factory):
                      [[], [], [], []], FinetuneConfig(epochs=1, holdout_fraction=0.0), checkpoint=str(ckpt),
                      progress=False)
     return model.save(d / "m.safetensors")
+
+
+def test_no_module_edits_sys_path():
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path\s*=")
+    roots = [PKG, PKG.parent / "benchmarks", PKG.parent / "scripts", PKG.parent / "tests"]
+    bad = [str(p) for root in roots if root.is_dir() for p in root.rglob("*.py")
+           if edit.search(p.read_text(encoding="utf-8")) and p != Path(__file__)]
+    assert not bad, bad
+
+
+# A module longer than this must say why in its first lines (docs/DESIGN.md, "Modules").
+MAX_MODULE_LINES = 500
+
+
+def test_modules_stay_small_or_say_why():
+    long = [f"{p.relative_to(PKG.parent)}: {n} lines" for p in PKG.rglob("*.py")
+            for n in [len(p.read_text(encoding="utf-8").splitlines())]
+            if n > MAX_MODULE_LINES and "lines" not in "\n".join(p.read_text(encoding="utf-8").splitlines()[:5])]
+    assert not long, long

@@ -67,24 +67,16 @@ class SLM360Classifier(GraphComponent, IntentClassifier, EntityExtractorMixin):
         # Validated here, at graph construction, so a bad key fails before any training.
         self._serving, self._training = from_component_config(config)
 
-    def _fastpath_config(self):
-        from ..model.fastpath import FastPathConfig
-
-        try:
-            return FastPathConfig(mode=self._serving.mode)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"SLM360Classifier: invalid configuration: {e}") from None
-
     def _build_fastpath(self, training_data: TrainingData):
         """The pattern fast path of this training data: its intent examples (text, intent,
         entities), regex features and lookup tables."""
-        from ..model.fastpath import FastPath
+        from ..model.fastpath import FastPath, FastPathConfig
 
         examples = [m for m in training_data.intent_examples if m.get(TEXT) is not None]
         return FastPath.build([m.get(TEXT) for m in examples], [m.get(INTENT) for m in examples],
                               [m.get(ENTITIES) or [] for m in examples],
                               regexes=training_data.regex_features, lookups=training_data.lookup_tables,
-                              config=self._fastpath_config())
+                              config=FastPathConfig(mode=self._serving.mode))
 
     @classmethod
     def create(cls, config: Dict[Text, Any], model_storage: ModelStorage, resource: Resource,
