@@ -440,7 +440,7 @@ def test_run_monitored_counts_other_processes_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["compare", "report", "continual", "bench_encoder", "eval_embeddings",
-                                    "fastpath_modes", "serve_load", "serve_memory", "_rasa_eval"])
+                                    "fastpath_modes", "serve_load", "serve_memory", "parity", "_rasa_eval"])
 def test_help(script):
     out = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], capture_output=True, text=True,
                          env=_env(), timeout=120)
