@@ -1,7 +1,4 @@
-"""Served calibration (model/calibration.py): energy, P(in scope) and the background softmax by definition.
-
-(Named test_model_calibration.py, not test_calibration.py: test folders have no __init__.py, so
-test file basenames must be unique across tests/, and tests/train/test_calibration.py exists.)"""
+"""Served calibration (model/calibration.py): energy, P(in scope) and the background softmax by definition."""
 import numpy as np
 
 from slm360_rasa.model.calibration import background_softmax, energy, in_scope_probability
